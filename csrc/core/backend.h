@@ -1,0 +1,148 @@
+// The primitives a backend provides. The strategies (csrc/core/driver.cpp) are written once in
+// terms of these, so the CPU and CUDA paths walk the same chunks in the same order and the CPU
+// tests exercise the same control flow the GPU runs.
+//
+// All pointers are in the backend's memory; calls are asynchronous on the backend's stream (CUDA)
+// or synchronous (CPU). Matrices are row-major with a leading dimension in elements.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "flce/flce.h"
+
+namespace flce::detail {
+
+// C[m, n] = alpha * op(A) op(B) + beta * C, with op(A) [m, k] and op(B) [k, n]. A stored [m, k]
+// (or [k, m] when trans_a), B stored [k, n] (or [n, k] when trans_b). Accumulation is fp32.
+struct GemmArgs {
+  int64_t m = 0, n = 0, k = 0;
+  const void* a = nullptr;
+  int64_t lda = 0;
+  DType a_type = DType::kFloat32;
+  bool trans_a = false;
+  const void* b = nullptr;
+  int64_t ldb = 0;
+  DType b_type = DType::kFloat32;
+  bool trans_b = false;
+  void* c = nullptr;
+  int64_t ldc = 0;
+  DType c_type = DType::kFloat32;
+  float alpha = 1.0f;
+  float beta = 0.0f;
+};
+
+// Counts valid rows, sums class weights and checks labels; fills scalars[kNumScalars].
+struct PrepareArgs {
+  const void* labels = nullptr;
+  IndexType label_type = IndexType::kInt64;
+  const float* class_weight = nullptr;
+  int64_t num_tokens = 0;
+  int64_t vocab_size = 0;
+  int64_t ignore_index = -100;
+  float* scalars = nullptr;  // [kNumScalars]
+};
+
+// Rows of a logits block that spans all V columns: statistics, loss, LSE, metrics and optionally
+// the gradient with respect to the raw logits.
+struct RowForwardArgs {
+  const void* logits = nullptr;  // [rows, V] logits_type (raw: bias not yet added)
+  int64_t ld = 0;
+  DType logits_type = DType::kFloat32;
+  int64_t rows = 0;
+  int64_t vocab_size = 0;
+  int64_t row_offset = 0;  // global index of row 0 (labels and per-row outputs are global)
+  const void* bias = nullptr;  // [V] bias_type or null
+  DType bias_type = DType::kFloat32;
+  const void* labels = nullptr;
+  IndexType label_type = IndexType::kInt64;
+  const float* class_weight = nullptr;
+  LossOptions options;
+  const float* scalars = nullptr;  // from prepare
+
+  float* row_loss = nullptr;     // [N]: loss_i (0 at ignored rows)
+  float* lse = nullptr;          // [N]
+  float* row_metrics = nullptr;  // [N, kNumRowMetrics] or null
+
+  // Gradient (optional): dZ for upstream gradients grad_loss ([1]/[N], null = 1, divided by the
+  // mean's denominator here) and grad_lse ([N] or null). dz may alias logits: a backend must read
+  // each element before it writes the element it overlaps.
+  void* dz = nullptr;
+  int64_t ldz = 0;
+  DType dz_type = DType::kFloat32;
+  const float* grad_loss = nullptr;
+  const float* grad_lse = nullptr;
+};
+
+// Element-wise gradient of a [rows, cols] block of raw logits whose LSE is already known
+// (recompute backward). Same gradient formula as RowForwardArgs.
+struct RowGradArgs {
+  const float* logits = nullptr;  // [rows, cols] raw, fp32
+  int64_t ld = 0;
+  int64_t rows = 0, cols = 0;
+  int64_t row_offset = 0, col_offset = 0;
+  int64_t vocab_size = 0;
+  const void* bias = nullptr;
+  DType bias_type = DType::kFloat32;
+  const void* labels = nullptr;
+  IndexType label_type = IndexType::kInt64;
+  const float* class_weight = nullptr;
+  LossOptions options;
+  const float* scalars = nullptr;
+  const float* lse = nullptr;        // [N]
+  const float* grad_loss = nullptr;  // [1] or [N]
+  const float* grad_lse = nullptr;   // [N] or null
+  void* dz = nullptr;  // may alias logits (same rule as above)
+  int64_t ldz = 0;
+  DType dz_type = DType::kFloat32;
+};
+
+// acc[c] (+)= sum_r block[r, c] (the bias gradient).
+struct ColumnSumArgs {
+  const void* block = nullptr;
+  int64_t ld = 0;
+  DType type = DType::kFloat32;
+  int64_t rows = 0, cols = 0;
+  float* acc = nullptr;  // [cols] fp32
+  bool accumulate = false;
+};
+
+// Reduces per-row losses and metrics into the outputs.
+struct FinalizeArgs {
+  const float* row_loss = nullptr;  // [N]
+  const float* lse = nullptr;       // [N]
+  const float* row_metrics = nullptr;  // [N, kNumRowMetrics] or null
+  const float* scalars = nullptr;
+  int64_t num_tokens = 0;
+  Reduction reduction = Reduction::kMean;
+  float* loss = nullptr;     // [1] (mean / sum); for none the rows were written in place
+  float* metrics = nullptr;  // [kNumMetrics] or null
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual Status gemm(const GemmArgs& args) = 0;
+  virtual Status prepare(const PrepareArgs& args) = 0;
+  virtual Status rows_forward(const RowForwardArgs& args) = 0;
+  virtual Status rows_grad(const RowGradArgs& args) = 0;
+  virtual Status column_sum(const ColumnSumArgs& args) = 0;
+  virtual Status finalize(const FinalizeArgs& args) = 0;
+  // dst[i] = src[i] converted to dst_type (fp32 accumulators into output dtype).
+  virtual Status convert(const float* src, void* dst, DType dst_type, int64_t count) = 0;
+  virtual Status fill_zero(void* ptr, size_t bytes) = 0;
+};
+
+// What the planner must know about a backend without constructing it.
+struct BackendTraits {
+  // Element type of the dZ blocks fed to the dx / dW GEMMs for a given input dtype.
+  DType (*dz_type)(DType input) = nullptr;
+  // Fixed scratch a backend's gemm needs (CPU: conversion panels for fp16 / bf16), carved from
+  // the workspace.
+  size_t gemm_scratch_bytes = 0;
+};
+
+BackendTraits backend_traits(Device device);
+
+}  // namespace flce::detail

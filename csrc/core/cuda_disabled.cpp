@@ -1,0 +1,10 @@
+// Linked instead of csrc/cuda/ when flce is built without CUDA.
+#include "backends.h"
+
+namespace flce::detail {
+
+BackendTraits cuda_traits() { return cpu_traits(); }
+std::unique_ptr<Backend> make_cuda_backend(void*, bool) { return nullptr; }
+bool cuda_compiled() { return false; }
+
+}  // namespace flce::detail

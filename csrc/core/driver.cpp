@@ -1,0 +1,621 @@
+// The strategies, written once over the Backend primitives: which block is computed when, where
+// it lives in the workspace, and which GEMM consumes it. Never dereferences a tensor pointer (they
+// may be device memory).
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <type_traits>
+
+#include "backend.h"
+#include "backends.h"
+#include "flce/flce.h"
+#include "row_math.h"
+#include "workspace.h"
+
+namespace flce {
+
+Status validate_problem(const Problem& p);  // planner.cpp
+
+namespace detail {
+
+BackendTraits backend_traits(Device device) {
+  return device == Device::kCuda ? cuda_traits() : cpu_traits();
+}
+
+namespace {
+
+Status invalid(const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); }
+
+#define FLCE_RETURN_IF_ERROR(expr)  \
+  do {                              \
+    Status _s = (expr);             \
+    if (!_s.ok()) return _s;        \
+  } while (0)
+
+template <typename T>
+char* at(T* base, size_t offset) {
+  return reinterpret_cast<char*>(const_cast<std::remove_const_t<T>*>(base)) + offset;
+}
+const char* offset_ptr(const void* base, int64_t elements, DType type) {
+  return static_cast<const char*>(base) + elements * static_cast<int64_t>(dtype_size(type));
+}
+char* offset_ptr(void* base, int64_t elements, DType type) {
+  return static_cast<char*>(base) + elements * static_cast<int64_t>(dtype_size(type));
+}
+
+bool valid_dtype(DType t) {
+  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
+}
+
+Status validate_options(const LossOptions& o) {
+  if (o.reduction != Reduction::kMean && o.reduction != Reduction::kSum &&
+      o.reduction != Reduction::kNone) {
+    return invalid("reduction must be mean, sum or none, got code " +
+                   std::to_string(static_cast<int>(o.reduction)));
+  }
+  if (!std::isfinite(o.label_smoothing) || o.label_smoothing < 0.0f || o.label_smoothing > 1.0f) {
+    return invalid("label_smoothing must be a finite number in [0, 1], got " +
+                   std::to_string(o.label_smoothing));
+  }
+  if (!std::isfinite(o.z_loss) || o.z_loss < 0.0f) {
+    return invalid("z_loss must be a finite number >= 0, got " + std::to_string(o.z_loss));
+  }
+  if (!std::isfinite(o.softcap) || o.softcap < 0.0f) {
+    return invalid("softcap must be a finite number > 0 (or 0 to disable), got " +
+                   std::to_string(o.softcap));
+  }
+  if (!std::isfinite(o.logit_scale)) {
+    return invalid("logit_scale must be finite, got " + std::to_string(o.logit_scale));
+  }
+  return Status::Ok();
+}
+
+// Checks shared by the forward and the backward parameters.
+template <typename P>
+Status validate_common(const P& p) {
+  if (!valid_dtype(p.dtype)) return invalid("dtype must be float32, float16 or bfloat16");
+  if (p.label_type != IndexType::kInt64 && p.label_type != IndexType::kInt32) {
+    return invalid("label_type must be int64 or int32");
+  }
+  Problem prob;
+  prob.num_tokens = p.num_tokens;
+  prob.vocab_size = p.vocab_size;
+  prob.hidden_size = p.hidden_size;
+  FLCE_RETURN_IF_ERROR(validate_problem(prob));
+  FLCE_RETURN_IF_ERROR(validate_options(p.options));
+  if (p.weight == nullptr) return invalid("weight must not be null");
+  if (p.num_tokens > 0) {
+    if (p.x == nullptr) return invalid("x must not be null");
+    if (p.labels == nullptr) return invalid("labels must not be null");
+  }
+  if (p.x_row_stride < p.hidden_size) {
+    return invalid("x_row_stride must be >= hidden_size (" + std::to_string(p.hidden_size) +
+                   "), got " + std::to_string(p.x_row_stride));
+  }
+  return Status::Ok();
+}
+
+Status check_workspace(const void* ws, size_t have, size_t need) {
+  if (have < need) {
+    return invalid("workspace_bytes is " + std::to_string(have) + " but the plan needs " +
+                   std::to_string(need));
+  }
+  if (need > 0 && ws == nullptr) return invalid("workspace must not be null");
+  if (reinterpret_cast<uintptr_t>(ws) % kWorkspaceAlignment != 0) {
+    return invalid("workspace must be aligned to " + std::to_string(kWorkspaceAlignment) +
+                   " bytes");
+  }
+  return Status::Ok();
+}
+
+std::unique_ptr<Backend> make_backend(Device device, void* gemm_scratch, void* stream,
+                                      bool allow_tf32) {
+  if (device == Device::kCuda) return make_cuda_backend(stream, allow_tf32);
+  return make_cpu_backend(gemm_scratch);
+}
+
+Status check_device(Device device) {
+  if (device != Device::kCpu && device != Device::kCuda) return invalid("device must be cpu or cuda");
+  if (device == Device::kCuda && !cuda_compiled()) {
+    return Status::Error(StatusCode::kNotCompiled, "flce was built without the CUDA backend");
+  }
+  return Status::Ok();
+}
+
+// Leading dimension, in dz elements, of a dZ block written in place over an fp32 logits block of
+// leading dimension `ld_f32`: row r starts at the same byte as before.
+int64_t in_place_ld(int64_t ld_f32, DType dz_type) {
+  return ld_f32 * static_cast<int64_t>(sizeof(float) / dtype_size(dz_type));
+}
+
+}  // namespace
+
+Status run_forward(Device device, const ForwardParams& p) {
+  FLCE_RETURN_IF_ERROR(check_device(device));
+  FLCE_RETURN_IF_ERROR(validate_common(p));
+  if (p.loss == nullptr) return invalid("loss must not be null");
+  const Plan& plan = p.plan;
+  const int64_t n = p.num_tokens, v = p.vocab_size, d = p.hidden_size;
+  const bool grads = p.grad_x || p.grad_weight || p.grad_bias;
+  if (grads && plan.strategy != Strategy::kGradInForward) {
+    return invalid("grad_x / grad_weight / grad_bias were given to forward, but plan.strategy is "
+                   "not grad_in_forward (the recompute strategy computes them in backward)");
+  }
+  if (grads && p.options.reduction == Reduction::kNone) {
+    return invalid("gradients in the forward need reduction mean or sum, got none");
+  }
+  if (p.grad_bias && !p.bias) return invalid("grad_bias was given but bias is null");
+  if (plan.forward_token_chunk < 1) {
+    return invalid("plan.forward_token_chunk must be >= 1, got " +
+                   std::to_string(plan.forward_token_chunk));
+  }
+  if (grads && !(plan.dw_group_tokens == plan.forward_token_chunk || plan.dw_group_tokens >= n)) {
+    return invalid("plan.dw_group_tokens must equal plan.forward_token_chunk or cover all tokens");
+  }
+
+  Problem prob;
+  prob.num_tokens = n;
+  prob.vocab_size = v;
+  prob.hidden_size = d;
+  prob.dtype = p.dtype;
+  prob.reduction = p.options.reduction;
+  prob.has_bias = p.bias != nullptr;
+  prob.needs_grad_x = p.grad_x != nullptr;
+  prob.needs_grad_weight = p.grad_weight != nullptr;
+  prob.needs_grad_bias = p.grad_bias != nullptr;
+  const BackendTraits traits = backend_traits(device);
+  const ForwardLayout l = forward_layout(prob, plan, traits);
+  FLCE_RETURN_IF_ERROR(check_workspace(p.workspace, p.workspace_bytes, l.total));
+  void* ws = p.workspace;
+  auto be = make_backend(device, l.gemm_scratch == kAbsent ? nullptr : at(ws, l.gemm_scratch),
+                         p.stream, p.allow_tf32);
+  if (!be) return Status::Error(StatusCode::kNotCompiled, "backend unavailable");
+
+  float* scalars = reinterpret_cast<float*>(at(ws, l.scalars));
+  PrepareArgs prep;
+  prep.labels = p.labels;
+  prep.label_type = p.label_type;
+  prep.class_weight = p.class_weight;
+  prep.num_tokens = n;
+  prep.vocab_size = v;
+  prep.ignore_index = p.options.ignore_index;
+  prep.scalars = scalars;
+  FLCE_RETURN_IF_ERROR(be->prepare(prep));
+
+  float* lse = p.lse ? p.lse : reinterpret_cast<float*>(at(ws, l.lse));
+  float* row_loss =
+      p.options.reduction == Reduction::kNone ? p.loss : reinterpret_cast<float*>(at(ws, l.row_loss));
+  float* row_metrics = reinterpret_cast<float*>(at(ws, l.row_metrics));
+  float* logits = reinterpret_cast<float*>(at(ws, l.logits));
+  const DType dz_type = traits.dz_type(p.dtype);
+  const int64_t chunk = plan.forward_token_chunk;
+  const int64_t group = std::min<int64_t>(plan.dw_group_tokens, n);
+  const bool in_place = dz_in_place(plan);
+
+  // Where dW accumulates: straight into the output when one group covers all tokens, else an
+  // fp32 accumulator (the output itself when it is fp32).
+  void* dw_target = p.grad_weight;
+  DType dw_type = p.dtype;
+  if (p.grad_weight && l.dw_accum != kAbsent) {
+    dw_target = at(ws, l.dw_accum);
+    dw_type = DType::kFloat32;
+  }
+  float* db_accum = l.db_accum == kAbsent ? nullptr : reinterpret_cast<float*>(at(ws, l.db_accum));
+
+  for (int64_t t0 = 0; t0 < n; t0 += chunk) {
+    const int64_t rows = std::min(chunk, n - t0);
+    const void* x_chunk = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
+
+    GemmArgs logits_gemm;  // logits[rows, V] = x_chunk W^T
+    logits_gemm.m = rows;
+    logits_gemm.n = v;
+    logits_gemm.k = d;
+    logits_gemm.a = x_chunk;
+    logits_gemm.lda = p.x_row_stride;
+    logits_gemm.a_type = p.dtype;
+    logits_gemm.b = p.weight;
+    logits_gemm.ldb = d;
+    logits_gemm.b_type = p.dtype;
+    logits_gemm.trans_b = true;
+    logits_gemm.c = logits;
+    logits_gemm.ldc = v;
+    logits_gemm.c_type = DType::kFloat32;
+    FLCE_RETURN_IF_ERROR(be->gemm(logits_gemm));
+
+    const int64_t group_start = in_place ? t0 : 0;
+    void* dz = nullptr;
+    int64_t ldz = 0;
+    if (grads) {
+      if (in_place) {
+        dz = logits;
+        ldz = in_place_ld(v, dz_type);
+      } else {
+        ldz = v;
+        dz = offset_ptr(at(ws, l.dz_group), (t0 - group_start) * ldz, dz_type);
+      }
+    }
+
+    RowForwardArgs rf;
+    rf.logits = logits;
+    rf.ld = v;
+    rf.logits_type = DType::kFloat32;
+    rf.rows = rows;
+    rf.vocab_size = v;
+    rf.row_offset = t0;
+    rf.bias = p.bias;
+    rf.bias_type = p.dtype;
+    rf.labels = p.labels;
+    rf.label_type = p.label_type;
+    rf.class_weight = p.class_weight;
+    rf.options = p.options;
+    rf.scalars = scalars;
+    rf.row_loss = row_loss;
+    rf.lse = lse;
+    rf.row_metrics = row_metrics;
+    rf.dz = dz;
+    rf.ldz = ldz;
+    rf.dz_type = dz_type;
+    FLCE_RETURN_IF_ERROR(be->rows_forward(rf));
+    if (!grads) continue;
+
+    if (p.grad_x) {  // dx[chunk] = dZ W
+      GemmArgs g;
+      g.m = rows;
+      g.n = d;
+      g.k = v;
+      g.a = dz;
+      g.lda = ldz;
+      g.a_type = dz_type;
+      g.b = p.weight;
+      g.ldb = d;
+      g.b_type = p.dtype;
+      g.c = offset_ptr(p.grad_x, t0 * d, p.dtype);
+      g.ldc = d;
+      g.c_type = p.dtype;
+      FLCE_RETURN_IF_ERROR(be->gemm(g));
+    }
+    if (db_accum) {
+      ColumnSumArgs cs;
+      cs.block = dz;
+      cs.ld = ldz;
+      cs.type = dz_type;
+      cs.rows = rows;
+      cs.cols = v;
+      cs.acc = db_accum;
+      cs.accumulate = t0 > 0;
+      FLCE_RETURN_IF_ERROR(be->column_sum(cs));
+    }
+    const bool group_ends = in_place || t0 + rows == n;
+    if (p.grad_weight && group_ends) {  // dW (+)= dZ_group^T x_group
+      const int64_t group_rows = t0 + rows - group_start;
+      GemmArgs g;
+      g.m = v;
+      g.n = d;
+      g.k = group_rows;
+      g.a = in_place ? dz : at(ws, l.dz_group);
+      g.lda = ldz;
+      g.a_type = dz_type;
+      g.trans_a = true;
+      g.b = offset_ptr(p.x, group_start * p.x_row_stride, p.dtype);
+      g.ldb = p.x_row_stride;
+      g.b_type = p.dtype;
+      g.c = dw_target;
+      g.ldc = d;
+      g.c_type = dw_type;
+      g.beta = group_start == 0 ? 0.0f : 1.0f;
+      FLCE_RETURN_IF_ERROR(be->gemm(g));
+    }
+    (void)group;
+  }
+
+  FinalizeArgs fin;
+  fin.row_loss = row_loss;
+  fin.lse = lse;
+  fin.row_metrics = row_metrics;
+  fin.scalars = scalars;
+  fin.num_tokens = n;
+  fin.reduction = p.options.reduction;
+  fin.loss = p.loss;
+  fin.metrics = p.metrics;
+  FLCE_RETURN_IF_ERROR(be->finalize(fin));
+
+  if (grads) {
+    if (n == 0) {  // no chunk ran: the gradients are zero
+      if (p.grad_weight) FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_weight, v * d * dtype_size(p.dtype)));
+      if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_bias, v * dtype_size(p.dtype)));
+    } else {
+      if (p.grad_weight && l.dw_accum != kAbsent) {
+        FLCE_RETURN_IF_ERROR(
+            be->convert(reinterpret_cast<float*>(at(ws, l.dw_accum)), p.grad_weight, p.dtype, v * d));
+      }
+      if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->convert(db_accum, p.grad_bias, p.dtype, v));
+    }
+  }
+  return Status::Ok();
+}
+
+Status run_backward(Device device, const BackwardParams& p) {
+  FLCE_RETURN_IF_ERROR(check_device(device));
+  FLCE_RETURN_IF_ERROR(validate_common(p));
+  const Plan& plan = p.plan;
+  const int64_t n = p.num_tokens, v = p.vocab_size, d = p.hidden_size;
+  if (plan.strategy != Strategy::kRecompute) {
+    return invalid("backward needs a recompute plan; with grad_in_forward the forward already "
+                   "produced the gradients");
+  }
+  if (p.grad_bias && !p.bias) return invalid("grad_bias was given but bias is null");
+  if (n > 0 && p.lse == nullptr) return invalid("lse must not be null (the forward's output)");
+  if (n > 0 && p.grad_loss == nullptr) return invalid("grad_loss must not be null");
+  const bool grads = p.grad_x || p.grad_weight || p.grad_bias;
+  if (!grads) return Status::Ok();
+  if (plan.backward_token_chunk < 1 || plan.backward_vocab_chunk < 1) {
+    return invalid("plan.backward_token_chunk and plan.backward_vocab_chunk must be >= 1");
+  }
+
+  Problem prob;
+  prob.num_tokens = n;
+  prob.vocab_size = v;
+  prob.hidden_size = d;
+  prob.dtype = p.dtype;
+  prob.reduction = p.options.reduction;
+  prob.has_bias = p.bias != nullptr;
+  prob.needs_grad_x = p.grad_x != nullptr;
+  prob.needs_grad_weight = p.grad_weight != nullptr;
+  prob.needs_grad_bias = p.grad_bias != nullptr;
+  prob.needs_grad_lse = p.grad_lse != nullptr;
+  const BackendTraits traits = backend_traits(device);
+  const BackwardLayout l = backward_layout(prob, plan, traits);
+  FLCE_RETURN_IF_ERROR(check_workspace(p.workspace, p.workspace_bytes, l.total));
+  void* ws = p.workspace;
+  auto be = make_backend(device, l.gemm_scratch == kAbsent ? nullptr : at(ws, l.gemm_scratch),
+                         p.stream, p.allow_tf32);
+  if (!be) return Status::Error(StatusCode::kNotCompiled, "backend unavailable");
+
+  if (n == 0) {
+    if (p.grad_weight) FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_weight, v * d * dtype_size(p.dtype)));
+    if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_bias, v * dtype_size(p.dtype)));
+    return Status::Ok();
+  }
+
+  float* scalars = reinterpret_cast<float*>(at(ws, l.scalars));
+  PrepareArgs prep;
+  prep.labels = p.labels;
+  prep.label_type = p.label_type;
+  prep.class_weight = p.class_weight;
+  prep.num_tokens = n;
+  prep.vocab_size = v;
+  prep.ignore_index = p.options.ignore_index;
+  prep.scalars = scalars;
+  FLCE_RETURN_IF_ERROR(be->prepare(prep));
+
+  const DType dz_type = traits.dz_type(p.dtype);
+  const int64_t bt = plan.backward_token_chunk, bv = plan.backward_vocab_chunk;
+  const bool one_token_block = bt >= n;
+  float* logits = reinterpret_cast<float*>(at(ws, l.logits));
+  void* dx_target = p.grad_x;
+  DType dx_type = p.dtype;
+  if (p.grad_x && l.dx_accum != kAbsent) {
+    dx_target = at(ws, l.dx_accum);
+    dx_type = DType::kFloat32;
+  }
+
+  for (int64_t v0 = 0; v0 < v; v0 += bv) {
+    const int64_t cols = std::min(bv, v - v0);
+    const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
+    // dZ of all N tokens for this vocabulary chunk: in place over the logits block when one
+    // token block covers N, else gathered in dz_vocab.
+    void* dz_all = one_token_block ? static_cast<void*>(logits) : at(ws, l.dz_vocab);
+    const int64_t ldz = one_token_block ? in_place_ld(cols, dz_type) : cols;
+
+    for (int64_t t0 = 0; t0 < n; t0 += bt) {
+      const int64_t rows = std::min(bt, n - t0);
+      GemmArgs g;  // logits[rows, cols] = x[t0:] W[v0:]^T
+      g.m = rows;
+      g.n = cols;
+      g.k = d;
+      g.a = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
+      g.lda = p.x_row_stride;
+      g.a_type = p.dtype;
+      g.b = w_chunk;
+      g.ldb = d;
+      g.b_type = p.dtype;
+      g.trans_b = true;
+      g.c = logits;
+      g.ldc = cols;
+      g.c_type = DType::kFloat32;
+      FLCE_RETURN_IF_ERROR(be->gemm(g));
+
+      RowGradArgs rg;
+      rg.logits = logits;
+      rg.ld = cols;
+      rg.rows = rows;
+      rg.cols = cols;
+      rg.row_offset = t0;
+      rg.col_offset = v0;
+      rg.vocab_size = v;
+      rg.bias = p.bias;
+      rg.bias_type = p.dtype;
+      rg.labels = p.labels;
+      rg.label_type = p.label_type;
+      rg.class_weight = p.class_weight;
+      rg.options = p.options;
+      rg.scalars = scalars;
+      rg.lse = p.lse;
+      rg.grad_loss = p.grad_loss;
+      rg.grad_lse = p.grad_lse;
+      rg.dz = offset_ptr(dz_all, t0 * ldz, dz_type);
+      rg.ldz = ldz;
+      rg.dz_type = dz_type;
+      FLCE_RETURN_IF_ERROR(be->rows_grad(rg));
+    }
+
+    if (p.grad_weight) {  // dW[v0:v0+cols] = dZ^T x, written once
+      GemmArgs g;
+      g.m = cols;
+      g.n = d;
+      g.k = n;
+      g.a = dz_all;
+      g.lda = ldz;
+      g.a_type = dz_type;
+      g.trans_a = true;
+      g.b = p.x;
+      g.ldb = p.x_row_stride;
+      g.b_type = p.dtype;
+      g.c = offset_ptr(p.grad_weight, v0 * d, p.dtype);
+      g.ldc = d;
+      g.c_type = p.dtype;
+      FLCE_RETURN_IF_ERROR(be->gemm(g));
+    }
+    if (p.grad_x) {  // dx (+)= dZ W[v0:v0+cols]
+      GemmArgs g;
+      g.m = n;
+      g.n = d;
+      g.k = cols;
+      g.a = dz_all;
+      g.lda = ldz;
+      g.a_type = dz_type;
+      g.b = w_chunk;
+      g.ldb = d;
+      g.b_type = p.dtype;
+      g.c = dx_target;
+      g.ldc = d;
+      g.c_type = dx_type;
+      g.beta = v0 == 0 ? 0.0f : 1.0f;
+      FLCE_RETURN_IF_ERROR(be->gemm(g));
+    }
+    if (p.grad_bias) {
+      float* db = reinterpret_cast<float*>(at(ws, l.db_temp));
+      ColumnSumArgs cs;
+      cs.block = dz_all;
+      cs.ld = ldz;
+      cs.type = dz_type;
+      cs.rows = n;
+      cs.cols = cols;
+      cs.acc = db;
+      FLCE_RETURN_IF_ERROR(be->column_sum(cs));
+      FLCE_RETURN_IF_ERROR(be->convert(db, offset_ptr(p.grad_bias, v0, p.dtype), p.dtype, cols));
+    }
+  }
+  if (p.grad_x && l.dx_accum != kAbsent) {
+    FLCE_RETURN_IF_ERROR(
+        be->convert(reinterpret_cast<float*>(at(ws, l.dx_accum)), p.grad_x, p.dtype, n * d));
+  }
+  return Status::Ok();
+}
+
+Status run_cross_entropy_logits(Device device, const LogitsParams& p) {
+  FLCE_RETURN_IF_ERROR(check_device(device));
+  if (!valid_dtype(p.dtype)) return invalid("dtype must be float32, float16 or bfloat16");
+  if (p.label_type != IndexType::kInt64 && p.label_type != IndexType::kInt32) {
+    return invalid("label_type must be int64 or int32");
+  }
+  if (p.num_tokens < 0) return invalid("num_tokens must be >= 0, got " + std::to_string(p.num_tokens));
+  if (p.vocab_size < 1) return invalid("vocab_size must be >= 1, got " + std::to_string(p.vocab_size));
+  FLCE_RETURN_IF_ERROR(validate_options(p.options));
+  if (p.loss == nullptr) return invalid("loss must not be null");
+  if (p.num_tokens > 0 && (p.logits == nullptr || p.labels == nullptr)) {
+    return invalid(p.logits == nullptr ? "logits must not be null" : "labels must not be null");
+  }
+  if (p.logits_row_stride < p.vocab_size) {
+    return invalid("logits_row_stride must be >= vocab_size (" + std::to_string(p.vocab_size) +
+                   "), got " + std::to_string(p.logits_row_stride));
+  }
+  if (p.grad_logits && p.grad_row_stride < p.vocab_size) {
+    return invalid("grad_row_stride must be >= vocab_size (" + std::to_string(p.vocab_size) +
+                   "), got " + std::to_string(p.grad_row_stride));
+  }
+  const size_t need = logits_workspace_bytes(p.num_tokens);
+  FLCE_RETURN_IF_ERROR(check_workspace(p.workspace, p.workspace_bytes, need));
+  auto be = make_backend(device, nullptr, p.stream, false);
+  if (!be) return Status::Error(StatusCode::kNotCompiled, "backend unavailable");
+
+  const int64_t n = p.num_tokens;
+  char* ws = static_cast<char*>(p.workspace);
+  auto region = [&](int i) {  // same carving as logits_workspace_bytes()
+    const size_t stride =
+        (static_cast<size_t>(std::max<int64_t>(n, kNumScalars)) * kNumRowMetrics * sizeof(float) +
+         kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
+    return reinterpret_cast<float*>(ws + i * stride);
+  };
+  float* scalars = region(0);
+  float* row_loss = p.options.reduction == Reduction::kNone ? p.loss : region(1);
+  float* lse = p.lse ? p.lse : region(2);
+  float* row_metrics = region(3);
+
+  PrepareArgs prep;
+  prep.labels = p.labels;
+  prep.label_type = p.label_type;
+  prep.class_weight = p.class_weight;
+  prep.num_tokens = n;
+  prep.vocab_size = p.vocab_size;
+  prep.ignore_index = p.options.ignore_index;
+  prep.scalars = scalars;
+  FLCE_RETURN_IF_ERROR(be->prepare(prep));
+
+  if (n > 0) {
+    RowForwardArgs rf;
+    rf.logits = p.logits;
+    rf.ld = p.logits_row_stride;
+    rf.logits_type = p.dtype;
+    rf.rows = n;
+    rf.vocab_size = p.vocab_size;
+    rf.labels = p.labels;
+    rf.label_type = p.label_type;
+    rf.class_weight = p.class_weight;
+    rf.options = p.options;
+    rf.scalars = scalars;
+    rf.row_loss = row_loss;
+    rf.lse = lse;
+    rf.row_metrics = row_metrics;
+    rf.dz = p.grad_logits;
+    rf.ldz = p.grad_row_stride;
+    rf.dz_type = p.dtype;
+    rf.grad_loss = p.grad_scale;
+    rf.grad_lse = p.grad_lse;
+    FLCE_RETURN_IF_ERROR(be->rows_forward(rf));
+  }
+  FinalizeArgs fin;
+  fin.row_loss = row_loss;
+  fin.lse = lse;
+  fin.row_metrics = row_metrics;
+  fin.scalars = scalars;
+  fin.num_tokens = n;
+  fin.reduction = p.options.reduction;
+  fin.loss = p.loss;
+  fin.metrics = p.metrics;
+  return be->finalize(fin);
+}
+
+}  // namespace detail
+
+size_t logits_workspace_bytes(int64_t num_tokens) {
+  const size_t stride = (static_cast<size_t>(std::max<int64_t>(num_tokens, detail::kNumScalars)) *
+                             detail::kNumRowMetrics * sizeof(float) +
+                         detail::kWorkspaceAlignment - 1) /
+                        detail::kWorkspaceAlignment * detail::kWorkspaceAlignment;
+  return 4 * stride;
+}
+
+Status forward(Device device, const ForwardParams& params) {
+  return detail::run_forward(device, params);
+}
+Status backward(Device device, const BackwardParams& params) {
+  return detail::run_backward(device, params);
+}
+Status cross_entropy_logits(Device device, const LogitsParams& params) {
+  return detail::run_cross_entropy_logits(device, params);
+}
+bool cuda_available() { return detail::cuda_compiled(); }
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+  }
+  return "unknown";
+}
+
+size_t dtype_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+}  // namespace flce

@@ -1,0 +1,186 @@
+// Strategy and chunk choice: the one place where speed-versus-memory heuristics live.
+#include <algorithm>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+#include "flce/flce.h"
+#include "workspace.h"
+
+namespace flce {
+namespace {
+
+using detail::backward_layout;
+using detail::BackendTraits;
+using detail::forward_layout;
+
+// Logits blocks beyond this many rows gain nothing: the GEMMs are already large, and the fp32
+// block (rows * V * 4 bytes) would only grow.
+constexpr int64_t kMaxTokenChunk = 4096;
+// Below this the GEMMs of a token chunk lose efficiency; used as the first choice's floor.
+constexpr int64_t kEfficientTokenChunk = 1024;
+constexpr int64_t kMaxVocabChunk = 16384;
+// Smallest blocks the planner will ever propose (clamped to N and V).
+constexpr int64_t kMinChunk = 16;
+
+size_t forward_bytes(const Problem& p, const Plan& plan, const BackendTraits& t) {
+  return forward_layout(p, plan, t).total;
+}
+size_t backward_bytes(const Problem& p, const Plan& plan, const BackendTraits& t) {
+  return backward_layout(p, plan, t).total;
+}
+size_t plan_bytes(const Problem& p, const Plan& plan, const BackendTraits& t) {
+  return std::max(forward_bytes(p, plan, t), backward_bytes(p, plan, t));
+}
+
+// Candidate sizes from `hi` down to `lo`, halving, each clamped to `limit`.
+std::vector<int64_t> descending(int64_t hi, int64_t lo, int64_t limit) {
+  std::vector<int64_t> out;
+  for (int64_t c = hi; c >= lo; c /= 2) {
+    const int64_t v = std::min(c, limit);
+    if (out.empty() || out.back() != v) out.push_back(v);
+    if (c == lo) break;
+  }
+  if (out.empty()) out.push_back(std::max<int64_t>(1, std::min(lo, limit)));
+  return out;
+}
+
+std::string gib(size_t bytes) {
+  std::ostringstream s;
+  s.precision(3);
+  s << static_cast<double>(bytes) / double(1 << 20) << " MiB (" << bytes << " bytes)";
+  return s.str();
+}
+
+bool try_grad_in_forward(const Problem& p, size_t budget, const BackendTraits& t, Plan* out) {
+  const int64_t n = std::max<int64_t>(p.num_tokens, 1);
+  Plan plan;
+  plan.strategy = Strategy::kGradInForward;
+  // First choice: keep dZ of all tokens so dW is one GEMM written straight to the output (no
+  // fp32 accumulator and no per-chunk read-modify-write of V x D).
+  for (int64_t c : descending(kMaxTokenChunk, std::min(n, kEfficientTokenChunk), n)) {
+    plan.forward_token_chunk = c;
+    plan.dw_group_tokens = n;
+    if (plan_bytes(p, plan, t) <= budget) {
+      *out = plan;
+      return true;
+    }
+  }
+  // Then: dZ in place per chunk, dW accumulated in fp32 (8 V D bytes of traffic per chunk, so
+  // the largest chunk that fits).
+  for (int64_t c : descending(kMaxTokenChunk * 2, std::min<int64_t>(n, 256), n)) {
+    plan.forward_token_chunk = c;
+    plan.dw_group_tokens = c;
+    if (plan_bytes(p, plan, t) <= budget) {
+      *out = plan;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool try_recompute(const Problem& p, size_t budget, const BackendTraits& t, Plan* out) {
+  const int64_t n = std::max<int64_t>(p.num_tokens, 1);
+  const int64_t v = p.vocab_size;
+  Plan plan;
+  plan.strategy = Strategy::kRecompute;
+  int64_t fwd = 0;
+  for (int64_t c : descending(kMaxTokenChunk, std::min(n, kMinChunk), n)) {
+    plan.forward_token_chunk = c;
+    if (forward_bytes(p, plan, t) <= budget) {
+      fwd = c;
+      break;
+    }
+  }
+  if (fwd == 0) return false;
+  plan.forward_token_chunk = fwd;
+  // Backward: prefer all tokens in one block (dZ in place, each vocabulary slice done in one
+  // pass), then the widest vocabulary chunk (fewer fp32 dx accumulations).
+  for (int64_t bt : descending(n, std::min(n, kMinChunk), n)) {
+    for (int64_t bv : descending(kMaxVocabChunk, std::min(v, kMinChunk), v)) {
+      plan.backward_token_chunk = bt;
+      plan.backward_vocab_chunk = bv;
+      if (backward_bytes(p, plan, t) <= budget) {
+        *out = plan;
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+size_t minimum_budget(const Problem& p, const BackendTraits& t) {
+  Plan plan;
+  plan.strategy = Strategy::kRecompute;
+  plan.forward_token_chunk = std::min<int64_t>(std::max<int64_t>(p.num_tokens, 1), kMinChunk);
+  plan.backward_token_chunk = plan.forward_token_chunk;
+  plan.backward_vocab_chunk = std::min<int64_t>(p.vocab_size, kMinChunk);
+  return plan_bytes(p, plan, t);
+}
+
+}  // namespace
+
+Status validate_problem(const Problem& p) {
+  if (p.num_tokens < 0) {
+    return Status::Error(StatusCode::kInvalidArgument,
+                         "num_tokens must be >= 0, got " + std::to_string(p.num_tokens));
+  }
+  if (p.vocab_size < 1) {
+    return Status::Error(StatusCode::kInvalidArgument,
+                         "vocab_size must be >= 1, got " + std::to_string(p.vocab_size));
+  }
+  if (p.hidden_size < 1) {
+    return Status::Error(StatusCode::kInvalidArgument,
+                         "hidden_size must be >= 1, got " + std::to_string(p.hidden_size));
+  }
+  if (p.needs_grad_bias && !p.has_bias) {
+    return Status::Error(StatusCode::kInvalidArgument,
+                         "needs_grad_bias is set but the problem has no bias");
+  }
+  return Status::Ok();
+}
+
+Status make_plan(const Problem& p, Device device, size_t budget, Strategy forced, Plan* plan) {
+  if (plan == nullptr) return Status::Error(StatusCode::kInvalidArgument, "plan must not be null");
+  Status s = validate_problem(p);
+  if (!s.ok()) return s;
+  if (device == Device::kCuda && !cuda_available()) {
+    return Status::Error(StatusCode::kNotCompiled, "flce was built without the CUDA backend");
+  }
+  const BackendTraits t = detail::backend_traits(device);
+  const bool any_grad = p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias;
+  // Gradients in the forward need the upstream gradient to be one scalar known to be a plain
+  // rescaling: not so for per-token upstream gradients or a gradient through the returned LSE.
+  const bool gif_possible = any_grad && p.reduction != Reduction::kNone && !p.needs_grad_lse;
+  if (forced == Strategy::kGradInForward && !gif_possible) {
+    return Status::Error(
+        StatusCode::kInvalidArgument,
+        "strategy grad_in_forward needs reduction mean or sum, a gradient to compute and no "
+        "gradient through the returned lse; use strategy auto or recompute");
+  }
+  const size_t min_budget = minimum_budget(p, t);
+  bool found = false;
+  if (gif_possible && forced != Strategy::kRecompute) found = try_grad_in_forward(p, budget, t, plan);
+  if (!found && forced != Strategy::kGradInForward) found = try_recompute(p, budget, t, plan);
+  if (!found) {
+    std::string which = forced == Strategy::kGradInForward ? "strategy grad_in_forward"
+                                                            : "any strategy";
+    return Status::Error(StatusCode::kBudgetTooSmall,
+                         "memory_budget of " + gib(budget) + " is too small for " + which +
+                             " at N=" + std::to_string(p.num_tokens) +
+                             ", V=" + std::to_string(p.vocab_size) +
+                             ", D=" + std::to_string(p.hidden_size) + "; the minimum is " +
+                             gib(min_budget));
+  }
+  if (plan->strategy == Strategy::kGradInForward || !any_grad) {
+    plan->backward_token_chunk = 0;
+    plan->backward_vocab_chunk = 0;
+  }
+  plan->forward_workspace_bytes = forward_bytes(p, *plan, t);
+  plan->backward_workspace_bytes = backward_bytes(p, *plan, t);
+  plan->min_budget_bytes = min_budget;
+  return Status::Ok();
+}
+
+}  // namespace flce

@@ -1,0 +1,167 @@
+// The per-element and per-row math of the loss: one implementation, shared by the CPU backend and
+// the CUDA kernels (every function is host+device). A backend only decides how rows are walked.
+//
+// Notation (see include/flce/flce.h): r = raw logit (x.w + b), z = transformed logit,
+// w_c = class weight (1 without weights), eps = label smoothing, V = vocabulary size.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "flce/flce.h"
+
+#if defined(__CUDACC__)
+#define FLCE_HD __host__ __device__ __forceinline__
+#else
+#define FLCE_HD inline
+#endif
+
+namespace flce::detail {
+
+// Device-resident scalars computed once per call by a backend's prepare step (so the CUDA path
+// never reads them on the host).
+enum Scalar : int32_t {
+  kScalarDenominator = 0,  // sum over valid rows of w[y_i] (the mean's divisor)
+  kScalarInvDenominator = 1,  // 1 / denominator, or 0 when no row is valid
+  kScalarWeightSum = 2,  // sum_c w_c (V without class weights)
+  kScalarValidRows = 3,  // number of rows whose label is not ignore_index
+  kScalarLabelError = 4,  // 1 when a label was out of range (CUDA; the CPU returns an error)
+  kNumScalars = 8,
+};
+
+// Per-row metrics kept in the workspace ([N, kNumRowMetrics]) and reduced at the end; ignored rows
+// hold the neutral values (-inf for the max, 0 otherwise).
+enum RowMetric : int32_t {
+  kRowMaxLogit = 0,
+  kRowLogitNorm = 1,
+  kRowEntropy = 2,
+  kRowLseSquared = 3,
+  kRowCorrect = 4,
+  kNumRowMetrics = 5,
+};
+
+// z = T(r): scale, then optional tanh soft-capping (Gemma 2 style).
+FLCE_HD float transform_logit(float raw, float logit_scale, float softcap) {
+  const float scaled = raw * logit_scale;
+  return softcap > 0.0f ? softcap * tanhf(scaled / softcap) : scaled;
+}
+
+// dz/dr expressed through z, so the backward needs no second tanh: 1 - tanh^2 = 1 - (z/cap)^2.
+FLCE_HD float transform_derivative(float z, float logit_scale, float softcap) {
+  if (softcap > 0.0f) {
+    const float t = z / softcap;
+    return logit_scale * (1.0f - t * t);
+  }
+  return logit_scale;
+}
+
+// Online softmax statistics of one row (or part of one): merging two partial states is exact up
+// to rounding, so a row may be split across threads, warps or vocabulary chunks.
+struct RowState {
+  float max = -INFINITY;   // running max of z
+  float sum_exp = 0.0f;    // sum exp(z - max)
+  float sum_exp_z = 0.0f;  // sum exp(z - max) * z     (entropy)
+  float sum_wz = 0.0f;     // sum w_c * z_c            (label smoothing)
+  float sum_z2 = 0.0f;     // sum z^2                  (logit norm)
+  float best = -INFINITY;  // max z, first index wins ties (accuracy)
+  int64_t argmax = -1;
+
+  FLCE_HD void add(float z, float w, int64_t c) {
+    if (z > max) {
+      // Rescale what was summed under the old max; exp(-inf) = 0 handles the first element.
+      const float r = expf(max - z);
+      sum_exp *= r;
+      sum_exp_z *= r;
+      max = z;
+    }
+    const float e = expf(z - max);
+    sum_exp += e;
+    sum_exp_z += e * z;
+    sum_wz += w * z;
+    sum_z2 += z * z;
+    if (z > best) {
+      best = z;
+      argmax = c;
+    }
+  }
+
+  FLCE_HD void merge(const RowState& o) {
+    if (o.max == -INFINITY) {
+      sum_wz += o.sum_wz;
+      sum_z2 += o.sum_z2;
+      return;
+    }
+    const float m = max > o.max ? max : o.max;
+    const float a = max == -INFINITY ? 0.0f : expf(max - m);
+    const float b = expf(o.max - m);
+    sum_exp = sum_exp * a + o.sum_exp * b;
+    sum_exp_z = sum_exp_z * a + o.sum_exp_z * b;
+    max = m;
+    sum_wz += o.sum_wz;
+    sum_z2 += o.sum_z2;
+    if (o.best > best || (o.best == best && o.argmax >= 0 && (argmax < 0 || o.argmax < argmax))) {
+      best = o.best;
+      argmax = o.argmax;
+    }
+  }
+
+  FLCE_HD float lse() const { return max + logf(sum_exp); }
+  // H = lse - sum p z
+  FLCE_HD float entropy() const { return lse() - sum_exp_z / sum_exp; }
+};
+
+// Loss of one valid row from its statistics. z_target is the transformed logit of the label.
+FLCE_HD float row_loss(float lse, float z_target, float w_target, float sum_wz, float weight_sum,
+                       int64_t vocab_size, const LossOptions& o) {
+  const float eps = o.label_smoothing;
+  float loss = (1.0f - eps) * w_target * (lse - z_target);
+  if (eps > 0.0f) loss += eps / static_cast<float>(vocab_size) * (weight_sum * lse - sum_wz);
+  if (o.z_loss > 0.0f) loss += o.z_loss * lse * lse;
+  return loss;
+}
+
+// dloss_i/dz_ic = coef_p * p_c - coef_target * [c == y] - coef_weight * w_c, where g is the
+// upstream gradient of loss_i (already divided by the mean's denominator) and g_lse that of the
+// returned lse_i. Ignored rows have g = 0 but still carry g_lse.
+struct GradCoefs {
+  float coef_p = 0.0f;
+  float coef_target = 0.0f;
+  float coef_weight = 0.0f;
+};
+
+FLCE_HD GradCoefs grad_coefs(bool valid, float g, float g_lse, float lse, float w_target,
+                             float weight_sum, int64_t vocab_size, const LossOptions& o) {
+  GradCoefs k;
+  k.coef_p = g_lse;
+  if (!valid) return k;
+  const float eps = o.label_smoothing;
+  const float smooth = eps / static_cast<float>(vocab_size);
+  k.coef_p += g * ((1.0f - eps) * w_target + smooth * weight_sum + 2.0f * o.z_loss * lse);
+  k.coef_target = g * (1.0f - eps) * w_target;
+  k.coef_weight = g * smooth;
+  return k;
+}
+
+// Gradient with respect to the raw logit r_c (what the dx / dW GEMMs consume).
+FLCE_HD float raw_logit_grad(const GradCoefs& k, float z, float lse, bool is_target, float w_c,
+                             const LossOptions& o) {
+  const float p = expf(z - lse);
+  float dz = k.coef_p * p - k.coef_weight * w_c;
+  if (is_target) dz -= k.coef_target;
+  return dz * transform_derivative(z, o.logit_scale, o.softcap);
+}
+
+// Upstream gradient of loss_i: grad_loss is [1] (mean/sum) or [N] (none); null means 1.
+FLCE_HD float row_upstream(Reduction reduction, const float* grad_loss, int64_t row,
+                           float inv_denominator) {
+  if (reduction == Reduction::kNone) return grad_loss ? grad_loss[row] : 1.0f;
+  const float g = grad_loss ? grad_loss[0] : 1.0f;
+  return reduction == Reduction::kMean ? g * inv_denominator : g;
+}
+
+FLCE_HD bool label_is_valid(int64_t label, int64_t ignore_index) { return label != ignore_index; }
+FLCE_HD bool label_in_range(int64_t label, int64_t vocab_size) {
+  return label >= 0 && label < vocab_size;
+}
+
+}  // namespace flce::detail

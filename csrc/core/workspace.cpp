@@ -1,0 +1,73 @@
+#include "workspace.h"
+
+#include "row_math.h"
+
+namespace flce::detail {
+namespace {
+
+// Hands out aligned offsets in order.
+class Carver {
+ public:
+  size_t take(size_t bytes) {
+    const size_t at = (used_ + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
+    used_ = at + bytes;
+    return at;
+  }
+  size_t total() const {
+    return (used_ + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
+  }
+
+ private:
+  size_t used_ = 0;
+};
+
+size_t f32(int64_t count) { return static_cast<size_t>(count) * sizeof(float); }
+
+}  // namespace
+
+ForwardLayout forward_layout(const Problem& p, const Plan& plan, const BackendTraits& traits) {
+  ForwardLayout l;
+  Carver c;
+  const int64_t n = p.num_tokens, v = p.vocab_size, d = p.hidden_size;
+  l.scalars = c.take(f32(kNumScalars));
+  if (p.reduction != Reduction::kNone) l.row_loss = c.take(f32(n));
+  l.lse = c.take(f32(n));
+  l.row_metrics = c.take(f32(n * kNumRowMetrics));
+  l.logits = c.take(f32(plan.forward_token_chunk * v));
+  const bool grads = plan.strategy == Strategy::kGradInForward &&
+                     (p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias);
+  if (grads) {
+    if (!dz_in_place(plan)) {
+      l.dz_group = c.take(static_cast<size_t>(plan.dw_group_tokens) * v *
+                          dtype_size(traits.dz_type(p.dtype)));
+    }
+    if (needs_dw_accumulator(p, plan)) l.dw_accum = c.take(f32(v * d));
+    if (p.needs_grad_bias) l.db_accum = c.take(f32(v));
+  }
+  if (traits.gemm_scratch_bytes > 0) l.gemm_scratch = c.take(traits.gemm_scratch_bytes);
+  l.total = c.total();
+  return l;
+}
+
+BackwardLayout backward_layout(const Problem& p, const Plan& plan, const BackendTraits& traits) {
+  BackwardLayout l;
+  if (plan.strategy != Strategy::kRecompute ||
+      !(p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias)) {
+    return l;
+  }
+  Carver c;
+  const int64_t n = p.num_tokens, d = p.hidden_size;
+  const int64_t bt = plan.backward_token_chunk, bv = plan.backward_vocab_chunk;
+  l.scalars = c.take(f32(kNumScalars));
+  l.logits = c.take(f32(bt * bv));
+  if (bt < n) {
+    l.dz_vocab = c.take(static_cast<size_t>(n) * bv * dtype_size(traits.dz_type(p.dtype)));
+  }
+  if (needs_dx_accumulator(p, plan)) l.dx_accum = c.take(f32(n * d));
+  if (p.needs_grad_bias) l.db_temp = c.take(f32(bv));
+  if (traits.gemm_scratch_bytes > 0) l.gemm_scratch = c.take(traits.gemm_scratch_bytes);
+  l.total = c.total();
+  return l;
+}
+
+}  // namespace flce::detail

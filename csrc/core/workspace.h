@@ -1,0 +1,59 @@
+// Where each buffer of a call lives inside the caller's workspace. The planner sizes plans with
+// these functions and the driver carves the workspace with the same ones, so the bytes a plan
+// reports are exactly the bytes a call touches.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "backend.h"
+#include "flce/flce.h"
+
+namespace flce::detail {
+
+constexpr size_t kWorkspaceAlignment = 256;
+
+// Offsets in bytes from the workspace base; kAbsent marks a buffer this call does not need.
+constexpr size_t kAbsent = ~size_t(0);
+
+struct ForwardLayout {
+  size_t scalars = kAbsent;      // float[kNumScalars]
+  size_t row_loss = kAbsent;     // float[N] (mean / sum; none writes the output directly)
+  size_t lse = kAbsent;          // float[N] (when the caller passed no lse output)
+  size_t row_metrics = kAbsent;  // float[N, kNumRowMetrics]
+  size_t logits = kAbsent;       // float[forward_token_chunk, V]
+  size_t dz_group = kAbsent;     // dz_type[dw_group_tokens, V] (when the group spans chunks)
+  size_t dw_accum = kAbsent;     // float[V, D]
+  size_t db_accum = kAbsent;     // float[V]
+  size_t gemm_scratch = kAbsent;
+  size_t total = 0;
+};
+
+struct BackwardLayout {
+  size_t scalars = kAbsent;
+  size_t logits = kAbsent;    // float[backward_token_chunk, backward_vocab_chunk]
+  size_t dz_vocab = kAbsent;  // dz_type[N, backward_vocab_chunk] (when token blocks < N)
+  size_t dx_accum = kAbsent;  // float[N, D] (when the vocabulary takes several chunks)
+  size_t db_temp = kAbsent;   // float[backward_vocab_chunk]
+  size_t gemm_scratch = kAbsent;
+  size_t total = 0;
+};
+
+ForwardLayout forward_layout(const Problem& problem, const Plan& plan,
+                             const BackendTraits& traits);
+BackwardLayout backward_layout(const Problem& problem, const Plan& plan,
+                               const BackendTraits& traits);
+
+// The parts of a plan that decide the layout, shared by the layout and the driver.
+inline bool dz_in_place(const Plan& plan) {
+  return plan.dw_group_tokens <= plan.forward_token_chunk;
+}
+inline bool needs_dw_accumulator(const Problem& p, const Plan& plan) {
+  return p.needs_grad_weight && plan.dw_group_tokens < p.num_tokens && p.dtype != DType::kFloat32;
+}
+inline bool needs_dx_accumulator(const Problem& p, const Plan& plan) {
+  return p.needs_grad_x && plan.backward_vocab_chunk < p.vocab_size &&
+         p.dtype != DType::kFloat32;
+}
+
+}  // namespace flce::detail
