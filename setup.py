@@ -55,7 +55,7 @@ def extensions():
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc/cuda/*.cu")) +
                         glob.glob(os.path.join(ROOT, "csrc/cuda/*.cpp")))
     define = [("FLCE_WITH_CUDA", "1" if with_cuda else "0")]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "include"), os.path.join(ROOT, "csrc")]
     libraries, library_dirs = ["gomp"], []
     if blas:

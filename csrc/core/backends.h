@@ -13,8 +13,9 @@ BackendTraits cpu_traits();
 std::unique_ptr<Backend> make_cpu_backend(void* gemm_scratch);
 
 BackendTraits cuda_traits();
-// stream: a cudaStream_t. Returns null when the CUDA backend is not built in.
-std::unique_ptr<Backend> make_cuda_backend(void* stream, bool allow_tf32);
+// stream: a cudaStream_t; gemm_scratch: traits.gemm_scratch_bytes of device workspace (the
+// cuBLASLt workspace). Returns null when the CUDA backend is not built in.
+std::unique_ptr<Backend> make_cuda_backend(void* stream, bool allow_tf32, void* gemm_scratch);
 bool cuda_compiled();
 
 }  // namespace flce::detail

@@ -110,7 +110,7 @@ Status check_workspace(const void* ws, size_t have, size_t need) {
 
 std::unique_ptr<Backend> make_backend(Device device, void* gemm_scratch, void* stream,
                                       bool allow_tf32) {
-  if (device == Device::kCuda) return make_cuda_backend(stream, allow_tf32);
+  if (device == Device::kCuda) return make_cuda_backend(stream, allow_tf32, gemm_scratch);
   return make_cpu_backend(gemm_scratch);
 }
 
@@ -526,6 +526,7 @@ Status run_cross_entropy_logits(Device device, const LogitsParams& p) {
   }
   const size_t need = logits_workspace_bytes(p.num_tokens);
   FLCE_RETURN_IF_ERROR(check_workspace(p.workspace, p.workspace_bytes, need));
+  // No GEMM runs here, so no scratch is needed.
   auto be = make_backend(device, nullptr, p.stream, false);
   if (!be) return Status::Error(StatusCode::kNotCompiled, "backend unavailable");
 

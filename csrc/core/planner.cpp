@@ -11,8 +11,8 @@
 namespace flce {
 namespace {
 
-using detail::backward_layout;
 using detail::BackendTraits;
+using detail::backward_layout;
 using detail::forward_layout;
 
 // Logits blocks beyond this many rows gain nothing: the GEMMs are already large, and the fp32
@@ -53,8 +53,10 @@ std::string gib(size_t bytes) {
   return s.str();
 }
 
-bool try_grad_in_forward(const Problem& p, size_t budget, const BackendTraits& t, Plan* out) {
+// Grad-in-forward plans in order of preference.
+std::vector<Plan> grad_in_forward_candidates(const Problem& p) {
   const int64_t n = std::max<int64_t>(p.num_tokens, 1);
+  std::vector<Plan> out;
   Plan plan;
   plan.strategy = Strategy::kGradInForward;
   // First choice: keep dZ of all tokens so dW is one GEMM written straight to the output (no
@@ -62,16 +64,20 @@ bool try_grad_in_forward(const Problem& p, size_t budget, const BackendTraits& t
   for (int64_t c : descending(kMaxTokenChunk, std::min(n, kEfficientTokenChunk), n)) {
     plan.forward_token_chunk = c;
     plan.dw_group_tokens = n;
-    if (plan_bytes(p, plan, t) <= budget) {
-      *out = plan;
-      return true;
-    }
+    out.push_back(plan);
   }
   // Then: dZ in place per chunk, dW accumulated in fp32 (8 V D bytes of traffic per chunk, so
   // the largest chunk that fits).
   for (int64_t c : descending(kMaxTokenChunk * 2, std::min<int64_t>(n, 256), n)) {
     plan.forward_token_chunk = c;
     plan.dw_group_tokens = c;
+    out.push_back(plan);
+  }
+  return out;
+}
+
+bool try_grad_in_forward(const Problem& p, size_t budget, const BackendTraits& t, Plan* out) {
+  for (const Plan& plan : grad_in_forward_candidates(p)) {
     if (plan_bytes(p, plan, t) <= budget) {
       *out = plan;
       return true;
@@ -80,13 +86,24 @@ bool try_grad_in_forward(const Problem& p, size_t budget, const BackendTraits& t
   return false;
 }
 
-bool try_recompute(const Problem& p, size_t budget, const BackendTraits& t, Plan* out) {
+// Candidate chunks of the recompute strategy, largest first.
+std::vector<int64_t> forward_chunks(const Problem& p) {
   const int64_t n = std::max<int64_t>(p.num_tokens, 1);
-  const int64_t v = p.vocab_size;
+  return descending(kMaxTokenChunk, std::min(n, kMinChunk), n);
+}
+std::vector<int64_t> backward_token_chunks(const Problem& p) {
+  const int64_t n = std::max<int64_t>(p.num_tokens, 1);
+  return descending(n, std::min(n, kMinChunk), n);
+}
+std::vector<int64_t> backward_vocab_chunks(const Problem& p) {
+  return descending(kMaxVocabChunk, std::min(p.vocab_size, kMinChunk), p.vocab_size);
+}
+
+bool try_recompute(const Problem& p, size_t budget, const BackendTraits& t, Plan* out) {
   Plan plan;
   plan.strategy = Strategy::kRecompute;
   int64_t fwd = 0;
-  for (int64_t c : descending(kMaxTokenChunk, std::min(n, kMinChunk), n)) {
+  for (int64_t c : forward_chunks(p)) {
     plan.forward_token_chunk = c;
     if (forward_bytes(p, plan, t) <= budget) {
       fwd = c;
@@ -97,8 +114,8 @@ bool try_recompute(const Problem& p, size_t budget, const BackendTraits& t, Plan
   plan.forward_token_chunk = fwd;
   // Backward: prefer all tokens in one block (dZ in place, each vocabulary slice done in one
   // pass), then the widest vocabulary chunk (fewer fp32 dx accumulations).
-  for (int64_t bt : descending(n, std::min(n, kMinChunk), n)) {
-    for (int64_t bv : descending(kMaxVocabChunk, std::min(v, kMinChunk), v)) {
+  for (int64_t bt : backward_token_chunks(p)) {
+    for (int64_t bv : backward_vocab_chunks(p)) {
       plan.backward_token_chunk = bt;
       plan.backward_vocab_chunk = bv;
       if (backward_bytes(p, plan, t) <= budget) {
@@ -110,13 +127,33 @@ bool try_recompute(const Problem& p, size_t budget, const BackendTraits& t, Plan
   return false;
 }
 
-size_t minimum_budget(const Problem& p, const BackendTraits& t) {
-  Plan plan;
-  plan.strategy = Strategy::kRecompute;
-  plan.forward_token_chunk = std::min<int64_t>(std::max<int64_t>(p.num_tokens, 1), kMinChunk);
-  plan.backward_token_chunk = plan.forward_token_chunk;
-  plan.backward_vocab_chunk = std::min<int64_t>(p.vocab_size, kMinChunk);
-  return plan_bytes(p, plan, t);
+// The smallest budget the search accepts with the strategies it may use: the smallest candidate
+// of grad-in-forward, and for recompute the smallest forward chunk with the smallest backward over
+// every block shape (one token block without a dZ gather can be smaller than the smallest
+// blocks, so all are compared).
+size_t minimum_budget(const Problem& p, const BackendTraits& t, bool gif, bool recompute) {
+  size_t best = ~size_t(0);
+  if (gif) {
+    for (const Plan& plan : grad_in_forward_candidates(p)) {
+      best = std::min(best, plan_bytes(p, plan, t));
+    }
+  }
+  if (recompute) {
+    Plan plan;
+    plan.strategy = Strategy::kRecompute;
+    plan.forward_token_chunk = forward_chunks(p).back();
+    const size_t fwd = forward_bytes(p, plan, t);
+    size_t bwd = ~size_t(0);
+    for (int64_t bt : backward_token_chunks(p)) {
+      for (int64_t bv : backward_vocab_chunks(p)) {
+        plan.backward_token_chunk = bt;
+        plan.backward_vocab_chunk = bv;
+        bwd = std::min(bwd, backward_bytes(p, plan, t));
+      }
+    }
+    best = std::min(best, std::max(fwd, bwd));
+  }
+  return best;
 }
 
 }  // namespace
@@ -159,19 +196,21 @@ Status make_plan(const Problem& p, Device device, size_t budget, Strategy forced
         "strategy grad_in_forward needs reduction mean or sum, a gradient to compute and no "
         "gradient through the returned lse; use strategy auto or recompute");
   }
-  const size_t min_budget = minimum_budget(p, t);
+  const bool use_gif = gif_possible && forced != Strategy::kRecompute;
+  const bool use_recompute = forced != Strategy::kGradInForward;
+  const size_t min_budget = minimum_budget(p, t, use_gif, use_recompute);
   bool found = false;
-  if (gif_possible && forced != Strategy::kRecompute) found = try_grad_in_forward(p, budget, t, plan);
-  if (!found && forced != Strategy::kGradInForward) found = try_recompute(p, budget, t, plan);
+  if (use_gif) found = try_grad_in_forward(p, budget, t, plan);
+  if (!found && use_recompute) found = try_recompute(p, budget, t, plan);
   if (!found) {
-    std::string which = forced == Strategy::kGradInForward ? "strategy grad_in_forward"
-                                                            : "any strategy";
-    return Status::Error(StatusCode::kBudgetTooSmall,
-                         "memory_budget of " + gib(budget) + " is too small for " + which +
-                             " at N=" + std::to_string(p.num_tokens) +
-                             ", V=" + std::to_string(p.vocab_size) +
-                             ", D=" + std::to_string(p.hidden_size) + "; the minimum is " +
-                             gib(min_budget));
+    const std::string which = forced == Strategy::kGradInForward ? "strategy grad_in_forward"
+                              : forced == Strategy::kRecompute   ? "strategy recompute"
+                                                                 : "any strategy";
+    return Status::Error(
+        StatusCode::kBudgetTooSmall,
+        "memory_budget of " + gib(budget) + " is too small for " + which +
+            " at N=" + std::to_string(p.num_tokens) + ", V=" + std::to_string(p.vocab_size) +
+            ", D=" + std::to_string(p.hidden_size) + "; the minimum is " + gib(min_budget));
   }
   if (plan->strategy == Strategy::kGradInForward || !any_grad) {
     plan->backward_token_chunk = 0;

@@ -1,0 +1,18 @@
+// The row kernels of the CPU backend: OpenMP over rows, all loss math from core/row_math.h.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "core/backend.h"
+
+namespace flce::detail::cpu {
+
+Status prepare(const PrepareArgs& args);
+Status rows_forward(const RowForwardArgs& args);
+Status rows_grad(const RowGradArgs& args);
+Status column_sum(const ColumnSumArgs& args);
+Status finalize(const FinalizeArgs& args);
+Status convert(const float* src, void* dst, DType dst_type, int64_t count);
+
+}  // namespace flce::detail::cpu

@@ -1,0 +1,290 @@
+// Row-major GEMMs on cuBLASLt (column-major): a row-major [r, c] matrix with leading dimension ld
+// is the column-major [c, r] matrix with the same ld, so C = op(A) op(B) is computed as the
+// column-major C^T = op(B)^T op(A)^T: cuBLASLt's first operand is our B, its second our A, and
+// its (m, n) are our (n, m).
+#include "cuda/cublaslt_gemm.h"
+
+#include <cublasLt.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "cuda/cuda_check.h"
+
+namespace flce::detail::cuda {
+namespace {
+
+Status invalid(const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); }
+
+cudaDataType_t cuda_type(DType t) {
+  switch (t) {
+    case DType::kFloat16:
+      return CUDA_R_16F;
+    case DType::kBFloat16:
+      return CUDA_R_16BF;
+    default:
+      return CUDA_R_32F;
+  }
+}
+
+// Largest power of two (up to 256) dividing the address: cuBLASLt's heuristic assumes 256-byte
+// aligned operands unless told otherwise, and a pointer into the middle of a matrix (a token
+// chunk of x, a row block of dZ) often is not.
+uint32_t alignment_of(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && a % al != 0) al /= 2;
+  return al;
+}
+
+// Everything the descriptors and the chosen algorithm depend on.
+struct GemmKey {
+  int device = 0;
+  int64_t m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldc = 0;
+  DType ab_type = DType::kFloat32, c_type = DType::kFloat32;
+  bool trans_a = false, trans_b = false, beta_zero = false, tf32 = false;
+  uint32_t align_a = 0, align_b = 0, align_c = 0;
+  uint64_t workspace_bytes = 0;
+
+  bool operator==(const GemmKey& o) const {
+    return device == o.device && m == o.m && n == o.n && k == o.k && lda == o.lda && ldb == o.ldb &&
+           ldc == o.ldc && ab_type == o.ab_type && c_type == o.c_type && trans_a == o.trans_a &&
+           trans_b == o.trans_b && beta_zero == o.beta_zero && tf32 == o.tf32 &&
+           align_a == o.align_a && align_b == o.align_b && align_c == o.align_c &&
+           workspace_bytes == o.workspace_bytes;
+  }
+};
+
+struct GemmKeyHash {
+  size_t operator()(const GemmKey& k) const {
+    size_t h = 0;
+    auto mix = [&h](uint64_t v) {
+      h ^= std::hash<uint64_t>()(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+    };
+    mix(static_cast<uint64_t>(k.device));
+    mix(static_cast<uint64_t>(k.m));
+    mix(static_cast<uint64_t>(k.n));
+    mix(static_cast<uint64_t>(k.k));
+    mix(static_cast<uint64_t>(k.lda));
+    mix(static_cast<uint64_t>(k.ldb));
+    mix(static_cast<uint64_t>(k.ldc));
+    mix(static_cast<uint64_t>(k.ab_type) | (static_cast<uint64_t>(k.c_type) << 8) |
+        (uint64_t(k.trans_a) << 16) | (uint64_t(k.trans_b) << 17) | (uint64_t(k.beta_zero) << 18) |
+        (uint64_t(k.tf32) << 19));
+    mix(static_cast<uint64_t>(k.align_a) | (static_cast<uint64_t>(k.align_b) << 16) |
+        (static_cast<uint64_t>(k.align_c) << 32));
+    mix(k.workspace_bytes);
+    return h;
+  }
+};
+
+// Descriptors and algorithm of one shape. Cached entries are never destroyed: they live as long
+// as the process, because destroying them from static destructors may run after the CUDA context
+// is gone.
+struct GemmEntry {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr;  // cuBLASLt's first operand (our B)
+  cublasLtMatrixLayout_t b = nullptr;  // cuBLASLt's second operand (our A)
+  cublasLtMatrixLayout_t c = nullptr;  // C and D
+  cublasLtMatmulAlgo_t algo{};
+};
+
+void destroy_entry(GemmEntry& e) {
+  if (e.desc) cublasLtMatmulDescDestroy(e.desc);
+  if (e.a) cublasLtMatrixLayoutDestroy(e.a);
+  if (e.b) cublasLtMatrixLayoutDestroy(e.b);
+  if (e.c) cublasLtMatrixLayoutDestroy(e.c);
+  e = GemmEntry();
+}
+
+// Owns the descriptors while an entry is being built, so a failure half way releases them.
+struct EntryBuilder {
+  GemmEntry e;
+  cublasLtMatmulPreference_t pref = nullptr;
+  bool keep = false;
+  ~EntryBuilder() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (!keep) destroy_entry(e);
+  }
+};
+
+// Shapes cached per device. Variable token counts (the last chunk of each step) add entries; past
+// this many, new shapes get descriptors for the one call only (host-side, so they may be destroyed
+// as soon as the matmul is enqueued).
+constexpr size_t kMaxCachedShapes = 4096;
+
+struct DeviceState {
+  std::mutex mu;  // guards cache
+  cublasLtHandle_t handle = nullptr;
+  std::unordered_map<GemmKey, GemmEntry, GemmKeyHash> cache;
+};
+
+// One handle and one cache per device, created on first use and kept for the process (see
+// GemmEntry for why they are never destroyed).
+Status device_state(int device, DeviceState** out) {
+  static std::mutex mu;
+  static auto* states = new std::unordered_map<int, std::unique_ptr<DeviceState>>();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = states->find(device);
+  if (it == states->end()) {
+    auto state = std::make_unique<DeviceState>();
+    FLCE_CUBLAS_CHECK(cublasLtCreate(&state->handle));
+    it = states->emplace(device, std::move(state)).first;
+  }
+  *out = it->second.get();
+  return Status::Ok();
+}
+
+Status build_entry(cublasLtHandle_t handle, const GemmKey& key, GemmEntry* out) {
+  EntryBuilder b;
+  const cublasComputeType_t compute = key.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  FLCE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&b.e.desc, compute, CUDA_R_32F));
+  // cuBLASLt's op on its first operand (our B) is our trans_b, on its second (our A) our trans_a.
+  const cublasOperation_t op_first = key.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_second = key.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  FLCE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(b.e.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first,
+                                                   sizeof(op_first)));
+  FLCE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(b.e.desc, CUBLASLT_MATMUL_DESC_TRANSB,
+                                                   &op_second, sizeof(op_second)));
+  // Column-major shapes as stored. Our B is [k, n] row-major (or [n, k] when trans_b), i.e.
+  // column-major [n, k] (or [k, n]); our A is [m, k] (or [k, m]), column-major [k, m] (or [m, k]).
+  const uint64_t first_rows = key.trans_b ? key.k : key.n;
+  const uint64_t first_cols = key.trans_b ? key.n : key.k;
+  const uint64_t second_rows = key.trans_a ? key.m : key.k;
+  const uint64_t second_cols = key.trans_a ? key.k : key.m;
+  const cudaDataType_t ab = cuda_type(key.ab_type);
+  FLCE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b.e.a, ab, first_rows, first_cols, key.ldb));
+  FLCE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b.e.b, ab, second_rows, second_cols, key.lda));
+  FLCE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b.e.c, cuda_type(key.c_type),
+                                               static_cast<uint64_t>(key.n),
+                                               static_cast<uint64_t>(key.m), key.ldc));
+
+  FLCE_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&b.pref));
+  const uint64_t ws = key.workspace_bytes;
+  FLCE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      b.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  FLCE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      b.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_b, sizeof(key.align_b)));
+  FLCE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      b.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align_a, sizeof(key.align_a)));
+  FLCE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      b.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_c, sizeof(key.align_c)));
+  FLCE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      b.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_c, sizeof(key.align_c)));
+
+  cublasLtMatmulHeuristicResult_t result{};
+  int returned = 0;
+  FLCE_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, b.e.desc, b.e.a, b.e.b, b.e.c, b.e.c,
+                                                   b.pref, 1, &result, &returned));
+  if (returned == 0) {
+    return Status::Error(StatusCode::kBackendError,
+                         "cuBLASLt has no algorithm for the GEMM m=" + std::to_string(key.m) +
+                             " n=" + std::to_string(key.n) + " k=" + std::to_string(key.k) +
+                             " lda=" + std::to_string(key.lda) + " ldb=" + std::to_string(key.ldb) +
+                             " ldc=" + std::to_string(key.ldc) + " a/b " + dtype_name(key.ab_type) +
+                             " c " + dtype_name(key.c_type) + (key.trans_a ? " trans_a" : "") +
+                             (key.trans_b ? " trans_b" : ""));
+  }
+  b.e.algo = result.algo;
+  b.keep = true;
+  *out = b.e;
+  return Status::Ok();
+}
+
+Status check_args(const GemmArgs& g) {
+  if (g.m < 0 || g.n < 0 || g.k < 0) {
+    return invalid("gemm: m, n, k must be >= 0, got " + std::to_string(g.m) + ", " +
+                   std::to_string(g.n) + ", " + std::to_string(g.k));
+  }
+  if (g.a_type != g.b_type) {
+    return invalid(std::string("gemm: A and B must share a dtype, got ") + dtype_name(g.a_type) +
+                   " and " + dtype_name(g.b_type));
+  }
+  if (g.c_type != DType::kFloat32 && g.c_type != g.a_type) {
+    return invalid(std::string("gemm: C must be float32 or the input dtype (") +
+                   dtype_name(g.a_type) + "), got " + dtype_name(g.c_type));
+  }
+  const int64_t need_lda = g.trans_a ? g.m : g.k;
+  const int64_t need_ldb = g.trans_b ? g.k : g.n;
+  if (g.lda < std::max<int64_t>(need_lda, 1) || g.ldb < std::max<int64_t>(need_ldb, 1) ||
+      g.ldc < std::max<int64_t>(g.n, 1)) {
+    return invalid("gemm: leading dimensions too small: lda " + std::to_string(g.lda) +
+                   " (need >= " + std::to_string(need_lda) + "), ldb " + std::to_string(g.ldb) +
+                   " (need >= " + std::to_string(need_ldb) + "), ldc " + std::to_string(g.ldc) +
+                   " (need >= " + std::to_string(g.n) + ")");
+  }
+  if (g.c == nullptr || (g.k > 0 && (g.a == nullptr || g.b == nullptr))) {
+    return invalid("gemm: a, b and c must not be null");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status cublaslt_gemm(const GemmArgs& g, cudaStream_t stream, void* workspace,
+                     size_t workspace_bytes, bool allow_tf32) {
+  if (g.m == 0 || g.n == 0) return Status::Ok();
+  FLCE_CUDA_RETURN_IF_ERROR(check_args(g));
+  if (g.k == 0) {  // op(A) op(B) is all zeros: C = beta C
+    if (g.beta == 1.0f) return Status::Ok();
+    if (g.beta != 0.0f) return invalid("gemm: k = 0 is only supported with beta 0 or 1");
+    const size_t es = dtype_size(g.c_type);
+    FLCE_CUDA_CHECK(cudaMemset2DAsync(g.c, static_cast<size_t>(g.ldc) * es, 0,
+                                      static_cast<size_t>(g.n) * es, static_cast<size_t>(g.m),
+                                      stream));
+    return Status::Ok();
+  }
+  if (workspace == nullptr) workspace_bytes = 0;
+
+  GemmKey key;
+  FLCE_CUDA_CHECK(cudaGetDevice(&key.device));
+  key.m = g.m;
+  key.n = g.n;
+  key.k = g.k;
+  key.lda = g.lda;
+  key.ldb = g.ldb;
+  key.ldc = g.ldc;
+  key.ab_type = g.a_type;
+  key.c_type = g.c_type;
+  key.trans_a = g.trans_a;
+  key.trans_b = g.trans_b;
+  key.beta_zero = g.beta == 0.0f;
+  key.tf32 = allow_tf32 && g.a_type == DType::kFloat32;
+  key.align_a = alignment_of(g.a);
+  key.align_b = alignment_of(g.b);
+  key.align_c = alignment_of(g.c);
+  key.workspace_bytes = workspace_bytes;
+
+  DeviceState* state = nullptr;
+  FLCE_CUDA_RETURN_IF_ERROR(device_state(key.device, &state));
+  GemmEntry entry;
+  bool cached = true;
+  {
+    std::lock_guard<std::mutex> lock(state->mu);
+    auto it = state->cache.find(key);
+    if (it != state->cache.end()) {
+      entry = it->second;
+    } else {
+      FLCE_CUDA_RETURN_IF_ERROR(build_entry(state->handle, key, &entry));
+      if (state->cache.size() < kMaxCachedShapes) {
+        state->cache.emplace(key, entry);
+      } else {
+        cached = false;
+      }
+    }
+  }
+  const float alpha = g.alpha, beta = g.beta;
+  const cublasStatus_t st =
+      cublasLtMatmul(state->handle, entry.desc, &alpha, g.b, entry.a, g.a, entry.b, &beta, g.c,
+                     entry.c, g.c, entry.c, &entry.algo, workspace, workspace_bytes, stream);
+  if (!cached) destroy_entry(entry);
+  FLCE_CUBLAS_CHECK(st);
+  return Status::Ok();
+}
+
+}  // namespace flce::detail::cuda

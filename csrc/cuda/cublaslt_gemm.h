@@ -1,0 +1,24 @@
+// GemmArgs (row-major, see core/backend.h) on cuBLASLt.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "core/backend.h"
+#include "flce/flce.h"
+
+namespace flce::detail::cuda {
+
+// The cuBLASLt workspace: what NVIDIA recommends for Hopper (smaller ones exclude some split-K
+// and stream-K kernels).
+constexpr size_t kCublasLtWorkspaceBytes = size_t(32) << 20;
+
+// Runs C = alpha op(A) op(B) + beta C on `stream`. A and B share a dtype; C is fp32 or that dtype.
+// `workspace` (workspace_bytes, 256-byte aligned, may be null with 0 bytes) is used by cuBLASLt
+// for this call only. Beta = 0 never reads C. Never synchronizes; safe under CUDA graph capture
+// once the shape has been seen (the first call of a shape runs the host-side heuristic).
+Status cublaslt_gemm(const GemmArgs& args, cudaStream_t stream, void* workspace,
+                     size_t workspace_bytes, bool allow_tf32);
+
+}  // namespace flce::detail::cuda

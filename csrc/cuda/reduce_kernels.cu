@@ -1,0 +1,323 @@
+// Reductions over rows and columns: prepare (label scan), finalize (loss and metrics), the bias
+// gradient's column sum, and the fp32 -> output dtype conversion.
+//
+// Every reduction runs in a fixed order (fixed thread-to-element assignment, fixed tree), so a
+// call gives bit-identical results run to run: no atomics.
+#include <algorithm>
+#include <climits>
+
+#include "core/row_math.h"
+#include "cuda/common.cuh"
+#include "cuda/launch.h"
+
+namespace flce::detail::cuda {
+namespace {
+
+// prepare and finalize run as one block: N labels or N rows are a few hundred KiB at most for the
+// token counts of one training step, far below what a second stage would pay for.
+constexpr int kScanThreads = 1024;
+static_assert(kScanThreads % kWarpSize == 0 && kScanThreads / kWarpSize <= kMaxWarps,
+              "block_reduce assumes whole warps and at most kMaxWarps of them");
+
+struct Sum {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+struct Max {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a > b ? a : b;
+  }
+};
+
+Status invalid(const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); }
+
+// prepare ------------------------------------------------------------------------------------
+
+template <typename LabelT>
+__global__ void __launch_bounds__(kScanThreads)
+    prepare_kernel(const LabelT* labels, const float* class_weight, int64_t num_tokens,
+                   int64_t vocab_size, int64_t ignore_index, float* scalars) {
+  __shared__ double smem_d[kMaxWarps];
+  __shared__ long long smem_i[kMaxWarps];
+  // Accumulated in double: a sum of up to millions of weights stays exact enough that the mean's
+  // divisor does not depend on the thread count.
+  double denominator = 0.0;
+  long long valid = 0, bad_label = 0;
+  for (int64_t i = threadIdx.x; i < num_tokens; i += blockDim.x) {
+    const int64_t y = static_cast<int64_t>(labels[i]);
+    if (!label_is_valid(y, ignore_index)) continue;
+    ++valid;
+    if (label_in_range(y, vocab_size)) {
+      denominator += class_weight != nullptr ? static_cast<double>(class_weight[y]) : 1.0;
+    } else {
+      // The weight of a label out of range does not exist: poison the mean (see rows_forward).
+      bad_label = 1;
+      denominator += class_weight != nullptr ? static_cast<double>(NAN) : 1.0;
+    }
+  }
+  double weight_sum = 0.0;
+  if (class_weight != nullptr) {
+    for (int64_t c = threadIdx.x; c < vocab_size; c += blockDim.x) weight_sum += class_weight[c];
+  }
+  denominator = block_reduce(denominator, Sum{}, 0.0, smem_d);
+  weight_sum = block_reduce(weight_sum, Sum{}, 0.0, smem_d);
+  valid = block_reduce(valid, Sum{}, 0LL, smem_i);
+  bad_label = block_reduce(bad_label, Max{}, 0LL, smem_i);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kNumScalars; ++s) scalars[s] = 0.0f;
+    scalars[kScalarDenominator] = static_cast<float>(denominator);
+    // No valid row: the mean is defined as 0, and every gradient with it.
+    scalars[kScalarInvDenominator] =
+        denominator != 0.0 ? static_cast<float>(1.0 / denominator) : 0.0f;
+    scalars[kScalarWeightSum] =
+        class_weight != nullptr ? static_cast<float>(weight_sum) : static_cast<float>(vocab_size);
+    scalars[kScalarValidRows] = static_cast<float>(valid);
+    scalars[kScalarLabelError] = bad_label != 0 ? 1.0f : 0.0f;
+  }
+}
+
+// finalize -----------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kScanThreads) finalize_kernel(FinalizeArgs a) {
+  __shared__ double smem_d[kMaxWarps];
+  __shared__ float smem_f[kMaxWarps];
+  const bool want_loss = a.reduction != Reduction::kNone;
+  const bool want_metrics = a.metrics != nullptr && a.row_metrics != nullptr;
+  double loss = 0.0, norm = 0.0, entropy = 0.0, lse2 = 0.0, correct = 0.0;
+  float max_logit = -INFINITY;
+  for (int64_t i = threadIdx.x; i < a.num_tokens; i += blockDim.x) {
+    if (want_loss) loss += a.row_loss[i];
+    if (want_metrics) {
+      const float* m = a.row_metrics + i * kNumRowMetrics;
+      max_logit = fmaxf(max_logit, m[kRowMaxLogit]);
+      norm += m[kRowLogitNorm];
+      entropy += m[kRowEntropy];
+      lse2 += m[kRowLseSquared];
+      correct += m[kRowCorrect];
+    }
+  }
+  // Uniform branches: every thread takes the same side, so the barriers inside are reached by all.
+  if (want_loss) loss = block_reduce(loss, Sum{}, 0.0, smem_d);
+  if (want_metrics) {
+    max_logit = block_reduce(max_logit, Max{}, -INFINITY, smem_f);
+    norm = block_reduce(norm, Sum{}, 0.0, smem_d);
+    entropy = block_reduce(entropy, Sum{}, 0.0, smem_d);
+    lse2 = block_reduce(lse2, Sum{}, 0.0, smem_d);
+    correct = block_reduce(correct, Sum{}, 0.0, smem_d);
+  }
+  if (threadIdx.x != 0) return;
+  if (want_loss) {
+    const double scale = a.reduction == Reduction::kMean
+                             ? static_cast<double>(a.scalars[kScalarInvDenominator])
+                             : 1.0;
+    a.loss[0] = static_cast<float>(loss * scale);
+  }
+  if (want_metrics) {
+    const float valid = a.scalars[kScalarValidRows];
+    float* out = a.metrics;
+    if (valid > 0.0f) {
+      const double inv = 1.0 / static_cast<double>(valid);
+      out[kMetricMaxLogit] = max_logit;
+      out[kMetricLogitNorm] = static_cast<float>(norm * inv);
+      out[kMetricEntropy] = static_cast<float>(entropy * inv);
+      out[kMetricLseSquared] = static_cast<float>(lse2 * inv);
+      out[kMetricAccuracy] = static_cast<float>(correct * inv);
+    } else {
+      for (int m = 0; m < kNumMetrics; ++m) out[m] = 0.0f;
+    }
+    out[kMetricValidTokens] = valid;
+  }
+}
+
+// column_sum ---------------------------------------------------------------------------------
+
+// A block covers kColLanes * VEC columns; its kColRowGroups warps split the rows, each lane
+// summing its columns down its share of rows (coalesced across the warp), then the groups are
+// added in order through shared memory.
+constexpr int kColLanes = kWarpSize;
+constexpr int kColRowGroups = 16;
+constexpr int kColThreads = kColLanes * kColRowGroups;
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kColThreads)
+    column_sum_kernel(const T* block, int64_t ld, int64_t rows, int64_t cols, float* acc,
+                      bool accumulate) {
+  __shared__ float part[kColRowGroups][kColLanes * VEC];
+  static_assert(sizeof(part) <= 48 * 1024, "column_sum: static shared memory limit");
+  const int64_t block_col0 = static_cast<int64_t>(blockIdx.x) * kColLanes * VEC;
+  const int64_t c0 = block_col0 + static_cast<int64_t>(threadIdx.x) * VEC;
+  float s[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) s[i] = 0.0f;
+  if (c0 < cols) {
+    const bool full = c0 + VEC <= cols;
+#pragma unroll 4
+    for (int64_t r = threadIdx.y; r < rows; r += kColRowGroups) {
+      const T* p = block + r * ld + c0;
+      if (full) {
+        float v[VEC];
+        load_vec<T, VEC>(p, v);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) s[i] += v[i];
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          if (c0 + i < cols) s[i] += to_float(p[i]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) part[threadIdx.y][threadIdx.x * VEC + i] = s[i];
+  __syncthreads();
+  for (int k = threadIdx.y * kColLanes + threadIdx.x; k < kColLanes * VEC; k += kColThreads) {
+    const int64_t c = block_col0 + k;
+    if (c >= cols) continue;
+    float t = 0.0f;
+#pragma unroll
+    for (int g = 0; g < kColRowGroups; ++g) t += part[g][k];
+    acc[c] = accumulate ? acc[c] + t : t;
+  }
+}
+
+// convert ------------------------------------------------------------------------------------
+
+constexpr int kConvertThreads = 256;
+// Grid-stride beyond this many blocks: already several waves on any current GPU.
+constexpr int64_t kConvertMaxBlocks = 8192;
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kConvertThreads)
+    convert_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t count) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * VEC;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; i < count;
+       i += stride) {
+    if (i + VEC <= count) {
+      float v[VEC];
+      load_vec<float, VEC>(src + i, v);
+      store_vec<T, VEC>(dst + i, v);
+    } else {
+      for (int j = 0; i + j < count; ++j) dst[i + j] = from_float<T>(src[i + j]);
+    }
+  }
+}
+
+template <typename T>
+Status convert_to(const float* src, T* dst, int64_t count, cudaStream_t stream) {
+  constexpr int kVec = 4;
+  const bool vec = is_aligned(src, kVec * sizeof(float)) && is_aligned(dst, kVec * sizeof(T));
+  const int64_t per_block = static_cast<int64_t>(kConvertThreads) * (vec ? kVec : 1);
+  const int64_t blocks = std::min((count + per_block - 1) / per_block, kConvertMaxBlocks);
+  if (vec) {
+    convert_kernel<T, kVec>
+        <<<static_cast<unsigned>(blocks), kConvertThreads, 0, stream>>>(src, dst, count);
+  } else {
+    convert_kernel<T, 1>
+        <<<static_cast<unsigned>(blocks), kConvertThreads, 0, stream>>>(src, dst, count);
+  }
+  FLCE_CUDA_CHECK_LAUNCH("convert_kernel");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status launch_prepare(const PrepareArgs& a, cudaStream_t stream) {
+  if (a.scalars == nullptr) return invalid("prepare: scalars must not be null");
+  if (a.num_tokens < 0 || a.vocab_size < 1) {
+    return invalid("prepare: need num_tokens >= 0 and vocab_size >= 1, got " +
+                   std::to_string(a.num_tokens) + " and " + std::to_string(a.vocab_size));
+  }
+  if (a.num_tokens > 0 && a.labels == nullptr) return invalid("prepare: labels must not be null");
+  // Launched even for N = 0 so that the scalars are always written.
+  if (a.label_type == IndexType::kInt32) {
+    prepare_kernel<int32_t>
+        <<<1, kScanThreads, 0, stream>>>(static_cast<const int32_t*>(a.labels), a.class_weight,
+                                         a.num_tokens, a.vocab_size, a.ignore_index, a.scalars);
+  } else {
+    prepare_kernel<int64_t>
+        <<<1, kScanThreads, 0, stream>>>(static_cast<const int64_t*>(a.labels), a.class_weight,
+                                         a.num_tokens, a.vocab_size, a.ignore_index, a.scalars);
+  }
+  FLCE_CUDA_CHECK_LAUNCH("prepare_kernel");
+  return Status::Ok();
+}
+
+Status launch_finalize(const FinalizeArgs& a, cudaStream_t stream) {
+  if (a.scalars == nullptr) return invalid("finalize: scalars must not be null");
+  if (a.num_tokens < 0) {
+    return invalid("finalize: num_tokens must be >= 0, got " + std::to_string(a.num_tokens));
+  }
+  const bool want_loss = a.reduction != Reduction::kNone;
+  if (want_loss && (a.loss == nullptr || (a.num_tokens > 0 && a.row_loss == nullptr))) {
+    return invalid("finalize: loss and row_loss must not be null for reduction mean or sum");
+  }
+  if (!want_loss && a.metrics == nullptr) return Status::Ok();
+  finalize_kernel<<<1, kScanThreads, 0, stream>>>(a);
+  FLCE_CUDA_CHECK_LAUNCH("finalize_kernel");
+  return Status::Ok();
+}
+
+Status launch_column_sum(const ColumnSumArgs& a, cudaStream_t stream) {
+  if (a.cols == 0) return Status::Ok();
+  if (a.rows < 0 || a.cols < 0 || a.ld < a.cols) {
+    return invalid("column_sum: need rows >= 0, cols >= 0 and ld >= cols, got rows " +
+                   std::to_string(a.rows) + ", cols " + std::to_string(a.cols) + ", ld " +
+                   std::to_string(a.ld));
+  }
+  if (a.acc == nullptr || (a.rows > 0 && a.block == nullptr)) {
+    return invalid("column_sum: acc and block must not be null");
+  }
+  auto run = [&](auto* block) -> Status {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(block)>>;
+    constexpr int kVec = 16 / sizeof(T);
+    const dim3 threads(kColLanes, kColRowGroups);
+    // The wide variant only when it is legal and still leaves a few blocks per SM.
+    const int64_t wide_blocks = (a.cols + kColLanes * kVec - 1) / (kColLanes * kVec);
+    const bool vec = is_aligned(block, kVec * sizeof(T)) && a.ld % kVec == 0 && wide_blocks >= 256;
+    const int64_t cols_per_block = static_cast<int64_t>(kColLanes) * (vec ? kVec : 1);
+    const int64_t blocks = (a.cols + cols_per_block - 1) / cols_per_block;
+    if (blocks > INT_MAX) return invalid("column_sum: too many columns");
+    if (vec) {
+      column_sum_kernel<T, kVec><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+          block, a.ld, a.rows, a.cols, a.acc, a.accumulate);
+    } else {
+      column_sum_kernel<T, 1><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+          block, a.ld, a.rows, a.cols, a.acc, a.accumulate);
+    }
+    FLCE_CUDA_CHECK_LAUNCH("column_sum_kernel");
+    return Status::Ok();
+  };
+  switch (a.type) {
+    case DType::kFloat32:
+      return run(static_cast<const float*>(a.block));
+    case DType::kFloat16:
+      return run(static_cast<const __half*>(a.block));
+    case DType::kBFloat16:
+      return run(static_cast<const __nv_bfloat16*>(a.block));
+  }
+  return invalid("column_sum: unsupported dtype code " + std::to_string(static_cast<int>(a.type)));
+}
+
+Status launch_convert(const float* src, void* dst, DType dst_type, int64_t count,
+                      cudaStream_t stream) {
+  if (count == 0) return Status::Ok();
+  if (count < 0) return invalid("convert: count must be >= 0, got " + std::to_string(count));
+  if (src == nullptr || dst == nullptr) return invalid("convert: src and dst must not be null");
+  switch (dst_type) {
+    case DType::kFloat32:
+      if (src == dst) return Status::Ok();
+      FLCE_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(count) * sizeof(float),
+                                      cudaMemcpyDeviceToDevice, stream));
+      return Status::Ok();
+    case DType::kFloat16:
+      return convert_to(src, static_cast<__half*>(dst), count, stream);
+    case DType::kBFloat16:
+      return convert_to(src, static_cast<__nv_bfloat16*>(dst), count, stream);
+  }
+  return invalid("convert: unsupported dtype code " + std::to_string(static_cast<int>(dst_type)));
+}
+
+}  // namespace flce::detail::cuda

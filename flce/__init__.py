@@ -1,0 +1,27 @@
+"""flce: fused linear cross-entropy for LLM training without materializing the [N, V] logits.
+
+    loss = flce.linear_cross_entropy(hidden, lm_head.weight, labels, shift=True)
+
+See flce.functional for the options and their exact semantics.
+"""
+
+from . import _ops  # noqa: F401  (registers fake kernels and autograd of torch.ops.flce.*)
+from .functional import (
+    DEFAULT_MEMORY_BUDGET,
+    cross_entropy,
+    cuda_available,
+    linear_cross_entropy,
+    plan,
+)
+from .modules import CrossEntropyLoss, LinearCrossEntropy, LinearCrossEntropyLoss
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "CrossEntropyLoss",
+    "LinearCrossEntropy",
+    "LinearCrossEntropyLoss",
+    "cross_entropy",
+    "cuda_available",
+    "linear_cross_entropy",
+    "plan",
+]

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One-call GPU validation: build the extension and the C++ tests for sm_90a, run the C++ CUDA
+# tests (plain, then under compute-sanitizer), the Python suite on the GPU, and optionally the
+# benchmark. Usage: scripts/gpu_suite.sh LOGDIR [steps...]; steps default to
+# "build ctest pytest sanitize". Each step logs to LOGDIR/<step>.log and the run goes on after a
+# failing step, so one call reports everything.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOGDIR="${1:?usage: gpu_suite.sh LOGDIR [steps...]}"
+shift
+STEPS="${*:-build ctest pytest sanitize}"
+mkdir -p "$LOGDIR"
+export PYTHONUNBUFFERED=1 FLCE_CUDA_ARCHS="${FLCE_CUDA_ARCHS:-90a}"
+summary="$LOGDIR/summary.txt"
+: > "$summary"
+
+step() {  # step NAME COMMAND...
+  local name="$1"; shift
+  local t0=$SECONDS
+  echo "=== $name: $*" | tee -a "$summary"
+  "$@" > "$LOGDIR/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$summary"
+  tail -n 25 "$LOGDIR/$name.log"
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$summary"
+for s in $STEPS; do
+  case "$s" in
+    build)
+      step build python3 -m pip install --no-build-isolation --no-deps -e . -v ;;
+    ctest)
+      gtest_src=""
+      if [ -n "${FLCE_GTEST_SOURCE_DIR:-}" ]; then gtest_src="-DFLCE_GTEST_SOURCE_DIR=$FLCE_GTEST_SOURCE_DIR"; fi
+      step ctest bash -c "cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_CUDA_ARCHITECTURES=90a $gtest_src && cmake --build build-gpu -j16 && \
+        ctest --test-dir build-gpu --output-on-failure" ;;
+    pytest)
+      step pytest python3 -m pytest tests/python -q -x --device cuda -p no:cacheprovider ;;
+    sanitize)
+      step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
+        build-gpu/flce_tests --gtest_filter='Cuda*:-*Huge*'
+      step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
+        build-gpu/flce_tests --gtest_filter='Cuda*:-*Huge*' ;;
+    bench-quick)
+      step bench-quick python3 -m flce.bench --quick ;;
+    bench)
+      step bench python3 -m flce.bench ;;
+    e2e)
+      step e2e python3 bench/e2e_train.py ;;
+    *) echo "unknown step $s" | tee -a "$summary" ;;
+  esac
+done
+cat "$summary"

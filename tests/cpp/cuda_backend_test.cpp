@@ -1,0 +1,953 @@
+// The CUDA backend through the public API (make_plan, forward, backward, cross_entropy_logits),
+// checked against the float64 reference (tests/cpp/reference.h) and against the CPU backend on
+// the same inputs. Skipped when no CUDA device is present; compiled to nothing without CUDA.
+//
+// Running it (from the build directory of a CUDA build):
+//   ./flce_tests --gtest_filter='Cuda*'
+// Under the sanitizers, leaving out the N * V > 2^31 case (about 10 GiB, minutes under memcheck):
+//   F='Cuda*:-CudaEdge.BeyondInt32Elements'
+//   compute-sanitizer --tool memcheck --leak-check full ./flce_tests --gtest_filter="$F"
+//   compute-sanitizer --tool racecheck ./flce_tests --gtest_filter="$F"
+//   compute-sanitizer --tool synccheck ./flce_tests --gtest_filter="$F"
+// racecheck matters for the row kernels, whose dZ may overwrite the logits they read in place.
+#if defined(FLCE_WITH_CUDA) && FLCE_WITH_CUDA
+
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/workspace.h"
+#include "harness.h"
+#include "reference.h"
+
+namespace flce::test {
+namespace {
+
+void cuda_check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorName(e) + " (" +
+                             cudaGetErrorString(e) + ")");
+  }
+}
+#define CUDA_CHECK(call) cuda_check((call), #call)
+
+bool have_device() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+#define SKIP_WITHOUT_DEVICE() \
+  if (!have_device()) GTEST_SKIP() << "no CUDA device"
+
+// Device memory filled with NaN bytes (0xff is NaN in fp32, fp16 and bf16), followed by canary
+// bytes that must survive every call.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    CUDA_CHECK(cudaMalloc(&ptr_, bytes + kCanary));
+    CUDA_CHECK(cudaMemset(ptr_, 0xff, bytes));
+    const std::vector<unsigned char> canary = canary_bytes();
+    CUDA_CHECK(cudaMemcpy(static_cast<char*>(ptr_) + bytes, canary.data(), kCanary,
+                          cudaMemcpyHostToDevice));
+  }
+  ~DeviceBuffer() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    std::swap(ptr_, o.ptr_);
+    std::swap(bytes_, o.bytes_);
+    return *this;
+  }
+
+  // Null for an empty buffer, as the API expects for absent optional inputs of size 0.
+  void* get() const { return bytes_ == 0 ? nullptr : ptr_; }
+  // Never null: for inputs the API requires even when they hold no element.
+  void* raw() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+  void poison() const {
+    if (bytes_) CUDA_CHECK(cudaMemset(ptr_, 0xff, bytes_));
+  }
+  void upload(const void* src, size_t n) const {
+    if (n) CUDA_CHECK(cudaMemcpy(ptr_, src, n, cudaMemcpyHostToDevice));
+  }
+  void download(void* dst, size_t n) const {
+    if (n) CUDA_CHECK(cudaMemcpy(dst, ptr_, n, cudaMemcpyDeviceToHost));
+  }
+  bool canary_intact() const {
+    if (!ptr_) return true;
+    std::vector<unsigned char> got(kCanary);
+    CUDA_CHECK(
+        cudaMemcpy(got.data(), static_cast<char*>(ptr_) + bytes_, kCanary, cudaMemcpyDeviceToHost));
+    return got == canary_bytes();
+  }
+
+ private:
+  static constexpr size_t kCanary = 512;
+  static std::vector<unsigned char> canary_bytes() {
+    std::vector<unsigned char> c(kCanary);
+    for (size_t i = 0; i < kCanary; ++i) c[i] = static_cast<unsigned char>(0x5a ^ i);
+    return c;
+  }
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+template <typename T>
+DeviceBuffer to_device(const std::vector<T>& v) {
+  DeviceBuffer b(v.size() * sizeof(T));
+  b.upload(v.data(), v.size() * sizeof(T));
+  return b;
+}
+DeviceBuffer to_device(const TypedBuffer& t) {
+  const size_t bytes = static_cast<size_t>(t.size()) * dtype_size(t.type());
+  DeviceBuffer b(bytes);
+  b.upload(t.data(), bytes);
+  return b;
+}
+
+// The inputs of a Case on the device.
+struct DeviceInputs {
+  DeviceBuffer x, weight, bias, labels, class_weight, grad_loss, grad_lse;
+};
+
+DeviceInputs upload(const Case& c, const Inputs& in) {
+  DeviceInputs d;
+  d.x = to_device(in.x);
+  d.weight = to_device(in.weight);
+  if (c.bias) d.bias = to_device(in.bias);
+  d.labels = c.int32_labels ? to_device(in.labels32) : to_device(in.labels64);
+  if (c.class_weights) d.class_weight = to_device(in.class_weight);
+  d.grad_loss = to_device(in.grad_loss);
+  if (c.grad_lse) d.grad_lse = to_device(in.grad_lse);
+  return d;
+}
+
+Plan cuda_plan(const Case& c, const PlanChoice& choice) {
+  const Problem prob = make_problem(c);
+  Plan plan;
+  if (choice.manual) {
+    plan = choice.plan;
+    const detail::BackendTraits traits = detail::backend_traits(Device::kCuda);
+    plan.forward_workspace_bytes = detail::forward_layout(prob, plan, traits).total;
+    plan.backward_workspace_bytes = detail::backward_layout(prob, plan, traits).total;
+  } else {
+    const Status s = make_plan(prob, Device::kCuda, choice.budget, choice.strategy, &plan);
+    if (!s.ok()) throw std::runtime_error("make_plan failed: " + s.message);
+  }
+  return plan;
+}
+
+// Device outputs of one fused call.
+struct DeviceOutputs {
+  DeviceBuffer loss, lse, metrics, dx, dw, db;
+};
+
+DeviceOutputs make_outputs(const Case& c) {
+  DeviceOutputs o;
+  const int64_t n = c.n;
+  o.loss = DeviceBuffer(sizeof(float) *
+                        (c.options.reduction == Reduction::kNone ? std::max<int64_t>(n, 1) : 1));
+  o.lse = DeviceBuffer(sizeof(float) * std::max<int64_t>(n, 1));
+  o.metrics = DeviceBuffer(sizeof(float) * kNumMetrics);
+  o.dx = DeviceBuffer(n * c.d * dtype_size(c.dtype));
+  o.dw = DeviceBuffer(c.v * c.d * dtype_size(c.dtype));
+  o.db = DeviceBuffer(c.v * dtype_size(c.dtype));
+  return o;
+}
+
+ForwardParams forward_params(const Case& c, const Inputs& in, const DeviceInputs& d,
+                             const DeviceOutputs& o, const Plan& plan) {
+  const Problem prob = make_problem(c);
+  ForwardParams f;
+  f.x = d.x.raw();
+  f.x_row_stride = in.x_stride;
+  f.weight = d.weight.raw();
+  f.bias = c.bias ? d.bias.raw() : nullptr;
+  f.labels = d.labels.raw();
+  f.label_type = in.label_type();
+  f.class_weight = c.class_weights ? static_cast<const float*>(d.class_weight.raw()) : nullptr;
+  f.num_tokens = c.n;
+  f.vocab_size = c.v;
+  f.hidden_size = c.d;
+  f.dtype = c.dtype;
+  f.options = c.options;
+  f.loss = static_cast<float*>(o.loss.raw());
+  f.lse = static_cast<float*>(o.lse.raw());
+  f.metrics = static_cast<float*>(o.metrics.raw());
+  if (plan.strategy == Strategy::kGradInForward) {
+    f.grad_x = prob.needs_grad_x ? o.dx.raw() : nullptr;
+    f.grad_weight = prob.needs_grad_weight ? o.dw.raw() : nullptr;
+    f.grad_bias = prob.needs_grad_bias ? o.db.raw() : nullptr;
+  }
+  f.plan = plan;
+  return f;
+}
+
+BackwardParams backward_params(const Case& c, const Inputs& in, const DeviceInputs& d,
+                               const DeviceOutputs& o, const Plan& plan) {
+  const Problem prob = make_problem(c);
+  BackwardParams b;
+  b.x = d.x.raw();
+  b.x_row_stride = in.x_stride;
+  b.weight = d.weight.raw();
+  b.bias = c.bias ? d.bias.raw() : nullptr;
+  b.labels = d.labels.raw();
+  b.label_type = in.label_type();
+  b.class_weight = c.class_weights ? static_cast<const float*>(d.class_weight.raw()) : nullptr;
+  b.num_tokens = c.n;
+  b.vocab_size = c.v;
+  b.hidden_size = c.d;
+  b.dtype = c.dtype;
+  b.options = c.options;
+  b.lse = static_cast<const float*>(o.lse.raw());
+  b.grad_loss = static_cast<const float*>(d.grad_loss.raw());
+  b.grad_lse = c.grad_lse ? static_cast<const float*>(d.grad_lse.raw()) : nullptr;
+  b.grad_x = prob.needs_grad_x ? o.dx.raw() : nullptr;
+  b.grad_weight = prob.needs_grad_weight ? o.dw.raw() : nullptr;
+  b.grad_bias = prob.needs_grad_bias ? o.db.raw() : nullptr;
+  b.plan = plan;
+  return b;
+}
+
+void download(const Case& c, const DeviceOutputs& o, Outputs* out) {
+  out->loss.assign(o.loss.bytes() / sizeof(float), NAN);
+  o.loss.download(out->loss.data(), o.loss.bytes());
+  out->lse.assign(o.lse.bytes() / sizeof(float), NAN);
+  o.lse.download(out->lse.data(), o.lse.bytes());
+  out->metrics.assign(kNumMetrics, NAN);
+  o.metrics.download(out->metrics.data(), o.metrics.bytes());
+  out->dx = TypedBuffer(c.dtype, c.n * c.d);
+  out->dw = TypedBuffer(c.dtype, c.v * c.d);
+  out->db = TypedBuffer(c.dtype, c.v);
+  o.dx.download(out->dx.data(), o.dx.bytes());
+  o.dw.download(out->dw.data(), o.dw.bytes());
+  o.db.download(out->db.data(), o.db.bytes());
+  for (const DeviceBuffer* b : {&o.loss, &o.lse, &o.metrics, &o.dx, &o.dw, &o.db}) {
+    EXPECT_TRUE(b->canary_intact()) << "an output was written past its end";
+  }
+}
+
+// forward (and backward for recompute) on the CUDA backend, on the default stream.
+bool run_fused_cuda(const Case& c, const Inputs& in, const PlanChoice& choice, Outputs* out) {
+  const Problem prob = make_problem(c);
+  const Plan plan = cuda_plan(c, choice);
+  out->plan = plan;
+  out->has_grads = prob.needs_grad_x || prob.needs_grad_weight || prob.needs_grad_bias;
+  const DeviceInputs d = upload(c, in);
+  const DeviceOutputs o = make_outputs(c);
+  {
+    ForwardParams f = forward_params(c, in, d, o, plan);
+    DeviceBuffer ws(plan.forward_workspace_bytes);
+    f.workspace = ws.get();
+    f.workspace_bytes = ws.bytes();
+    const Status s = forward(Device::kCuda, f);
+    if (!s.ok()) {
+      ADD_FAILURE() << "forward failed: " << s.message;
+      return false;
+    }
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_TRUE(ws.canary_intact()) << "forward wrote past its workspace";
+  }
+  if (plan.strategy == Strategy::kRecompute && out->has_grads) {
+    BackwardParams b = backward_params(c, in, d, o, plan);
+    DeviceBuffer ws(plan.backward_workspace_bytes);
+    b.workspace = ws.get();
+    b.workspace_bytes = ws.bytes();
+    const Status s = backward(Device::kCuda, b);
+    if (!s.ok()) {
+      ADD_FAILURE() << "backward failed: " << s.message;
+      return false;
+    }
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_TRUE(ws.canary_intact()) << "backward wrote past its workspace";
+  }
+  CUDA_CHECK(cudaGetLastError());
+  download(c, o, out);
+  return true;
+}
+
+// The CUDA path rounds dZ into the input dtype before the dx / dW GEMMs (as PyTorch's own 16-bit
+// path does), then rounds the result: two roundings where the CPU backend has one.
+Tolerance cuda_tolerance(DType dtype) {
+  Tolerance t = tolerance_for(dtype);
+  if (dtype != DType::kFloat32) t.grad *= 2.0;
+  return t;
+}
+
+std::vector<double> as_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+void expect_scalar(const std::string& what, double got, double ref, double rtol) {
+  EXPECT_TRUE(std::isfinite(got)) << what << " = " << got << " is not finite";
+  EXPECT_NEAR(got, ref, rtol * std::max(1.0, std::abs(ref))) << what;
+}
+
+// Every output against the float64 reference, with cuda_tolerance().
+void expect_cuda_matches_reference(const Case& c, const Inputs& in, const Outputs& out) {
+  const Tolerance tol = cuda_tolerance(c.dtype);
+  const RefForward f = reference_forward(in.ref);
+  if (c.options.reduction == Reduction::kNone) {
+    for (int64_t i = 0; i < c.n; ++i) {
+      expect_scalar("loss[" + std::to_string(i) + "]", out.loss[i], f.row_loss[i], tol.loss);
+      if (in.ref.labels[i] == c.options.ignore_index) {
+        EXPECT_EQ(out.loss[i], 0.0f) << "ignored row " << i;
+      }
+    }
+  } else {
+    expect_scalar("loss", out.loss[0], f.loss, tol.loss);
+  }
+  for (int64_t i = 0; i < c.n; ++i) {
+    expect_scalar("lse[" + std::to_string(i) + "]", out.lse[i], f.lse[i], tol.loss);
+  }
+  const double valid = f.metrics[kMetricValidTokens];
+  EXPECT_EQ(out.metrics[kMetricValidTokens], valid);
+  expect_scalar("max_logit", out.metrics[kMetricMaxLogit], f.metrics[kMetricMaxLogit], tol.loss);
+  expect_scalar("logit_norm", out.metrics[kMetricLogitNorm], f.metrics[kMetricLogitNorm], tol.loss);
+  expect_scalar("entropy", out.metrics[kMetricEntropy], f.metrics[kMetricEntropy], 10 * tol.loss);
+  expect_scalar("lse_squared", out.metrics[kMetricLseSquared], f.metrics[kMetricLseSquared],
+                tol.loss);
+  EXPECT_NEAR(out.metrics[kMetricAccuracy], f.metrics[kMetricAccuracy],
+              valid > 0 ? 1.01 / valid : 0.0);  // one near tie may flip an argmax
+  if (!out.has_grads) return;
+  RefUpstream up = in.up;
+  if (out.plan.strategy == Strategy::kGradInForward) {
+    up.grad_loss = {1.0};
+    up.grad_lse.clear();
+  }
+  const RefGrads g = reference_backward(in.ref, up);
+  if (c.grad_x) expect_close("dx", out.dx.to_double(), g.dx, tol.grad);
+  if (c.grad_weight) expect_close("dW", out.dw.to_double(), g.dw, tol.grad);
+  if (c.grad_bias && c.bias) expect_close("db", out.db.to_double(), g.db, tol.grad);
+}
+
+// The same call on the CPU backend: both backends agree within the tolerances.
+void expect_matches_cpu(const Case& c, const Inputs& in, const PlanChoice& choice,
+                        const Outputs& gpu) {
+  Outputs cpu;
+  ASSERT_TRUE(run_fused(c, in, choice, &cpu));
+  const Tolerance tol = cuda_tolerance(c.dtype);
+  const int64_t rows = std::max<int64_t>(c.n, 1);
+  const std::vector<double> got_lse(gpu.lse.begin(), gpu.lse.begin() + rows);
+  const std::vector<double> cpu_lse(cpu.lse.begin(), cpu.lse.begin() + rows);
+  if (c.n > 0) {
+    expect_close("loss vs cpu", as_double(gpu.loss), as_double(cpu.loss), tol.loss);
+    expect_close("lse vs cpu", got_lse, cpu_lse, tol.loss);
+  }
+  if (!gpu.has_grads) return;
+  if (c.grad_x) expect_close("dx vs cpu", gpu.dx.to_double(), cpu.dx.to_double(), tol.grad);
+  if (c.grad_weight) expect_close("dW vs cpu", gpu.dw.to_double(), cpu.dw.to_double(), tol.grad);
+  if (c.grad_bias && c.bias) {
+    expect_close("db vs cpu", gpu.db.to_double(), cpu.db.to_double(), tol.grad);
+  }
+}
+
+const char* strategy_name(Strategy s) {
+  return s == Strategy::kGradInForward ? "gif" : s == Strategy::kRecompute ? "recompute" : "auto";
+}
+
+// --- The fused API over dtypes, options, strategies and hand-made chunkings -----------------
+
+struct CudaParam {
+  std::string name;
+  Case c;
+  PlanChoice choice;
+};
+void PrintTo(const CudaParam& p, std::ostream* os) { *os << p.name; }
+
+void all_options(Case& c) {
+  c.options.ignore_index = 9;
+  c.options.label_smoothing = 0.05f;
+  c.options.z_loss = 1e-3f;
+  c.options.softcap = 6.0f;
+  c.options.logit_scale = -0.8f;
+  c.bias = true;
+  c.grad_bias = true;
+  c.class_weights = true;
+  c.int32_labels = true;
+  c.x_pad = 3;
+}
+
+std::vector<CudaParam> cuda_params() {
+  std::vector<CudaParam> out;
+  uint64_t seed = 900;
+  // v = 211 takes the scalar paths of the row kernels (rows not 16-byte aligned); v = 200 (a
+  // multiple of 8 but not of 64) the vectorized ones.
+  struct Shape {
+    const char* name;
+    int64_t n, v, d;
+  };
+  const Shape shapes[] = {{"odd", 77, 211, 39}, {"vec", 77, 200, 40}};
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (const Shape& sh : shapes) {
+      const std::string dn = std::string(dtype_name(t)) + "_" + sh.name;
+      auto base = [&]() {
+        Case c;
+        c.n = sh.n;
+        c.v = sh.v;
+        c.d = sh.d;
+        c.dtype = t;
+        c.seed = ++seed;
+        return c;
+      };
+      for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
+        CudaParam p;
+        p.c = base();
+        p.choice.strategy = s;
+        p.name = dn + "_" + strategy_name(s) + "_plain";
+        out.push_back(p);
+        p.c = base();
+        all_options(p.c);
+        p.c.options.reduction = Reduction::kSum;
+        p.name = dn + "_" + strategy_name(s) + "_all_options_sum";
+        out.push_back(p);
+      }
+      CudaParam p;
+      p.c = base();
+      all_options(p.c);
+      p.c.options.reduction = Reduction::kNone;
+      p.c.grad_lse = true;
+      p.choice.strategy = Strategy::kRecompute;
+      p.name = dn + "_recompute_all_options_none_grad_lse";
+      out.push_back(p);
+
+      // Hand-made chunkings: every branch of the driver on this backend.
+      p.c = base();
+      all_options(p.c);
+      p.choice = PlanChoice();
+      p.choice.manual = true;
+      p.choice.plan.strategy = Strategy::kGradInForward;
+      p.choice.plan.forward_token_chunk = 16;
+      p.choice.plan.dw_group_tokens = 16;  // dZ in place, fp32 dW accumulator
+      p.name = dn + "_gif_in_place_chunks";
+      out.push_back(p);
+      p.choice.plan.dw_group_tokens = sh.n;  // dZ of all tokens kept, one dW GEMM
+      p.name = dn + "_gif_group_all_tokens";
+      out.push_back(p);
+      p.choice.plan = Plan();
+      p.choice.plan.strategy = Strategy::kRecompute;
+      p.choice.plan.forward_token_chunk = 19;
+      p.choice.plan.backward_token_chunk = 16;  // several token and vocabulary blocks
+      p.choice.plan.backward_vocab_chunk = 40;
+      p.name = dn + "_recompute_token_and_vocab_chunks";
+      out.push_back(p);
+      p.choice.plan.backward_token_chunk = sh.n;  // one token block: dZ in place
+      p.name = dn + "_recompute_vocab_chunks";
+      out.push_back(p);
+    }
+  }
+  return out;
+}
+
+class CudaFused : public ::testing::TestWithParam<CudaParam> {};
+
+TEST_P(CudaFused, MatchesReferenceAndCpu) {
+  SKIP_WITHOUT_DEVICE();
+  const CudaParam& p = GetParam();
+  SCOPED_TRACE(p.c.describe());
+  const Inputs in = make_inputs(p.c);
+  Outputs out;
+  ASSERT_TRUE(run_fused_cuda(p.c, in, p.choice, &out));
+  if (p.choice.strategy != Strategy::kAuto) {
+    EXPECT_EQ(out.plan.strategy, p.choice.strategy);
+  }
+  expect_cuda_matches_reference(p.c, in, out);
+  expect_matches_cpu(p.c, in, p.choice, out);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, CudaFused, ::testing::ValuesIn(cuda_params()),
+                         [](const ::testing::TestParamInfo<CudaParam>& i) { return i.param.name; });
+
+// --- Edge cases ------------------------------------------------------------------------------
+
+TEST(CudaEdge, AllRowsIgnored) {
+  SKIP_WITHOUT_DEVICE();
+  for (Reduction r : {Reduction::kMean, Reduction::kSum, Reduction::kNone}) {
+    for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
+      if (r == Reduction::kNone && s == Strategy::kGradInForward) continue;
+      Case c;
+      c.n = 37;
+      c.v = 203;
+      c.d = 45;
+      c.dtype = DType::kBFloat16;
+      c.options.reduction = r;
+      c.all_ignored = true;
+      c.bias = true;
+      c.grad_bias = true;
+      c.class_weights = true;
+      c.seed = 31;
+      SCOPED_TRACE(c.describe() + " strategy " + strategy_name(s));
+      const Inputs in = make_inputs(c);
+      PlanChoice choice;
+      choice.strategy = s;
+      Outputs out;
+      ASSERT_TRUE(run_fused_cuda(c, in, choice, &out));
+      for (float l : out.loss) EXPECT_EQ(l, 0.0f);
+      for (int m = 0; m < kNumMetrics; ++m) EXPECT_EQ(out.metrics[m], 0.0f) << "metric " << m;
+      for (const TypedBuffer* g : {&out.dx, &out.dw, &out.db}) {
+        for (double v : g->to_double()) ASSERT_EQ(v, 0.0);
+      }
+      for (int64_t i = 0; i < c.n; ++i) EXPECT_TRUE(std::isfinite(out.lse[i]));
+    }
+  }
+}
+
+TEST(CudaEdge, ZeroTokens) {
+  SKIP_WITHOUT_DEVICE();
+  for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
+    for (Reduction r : {Reduction::kMean, Reduction::kSum}) {
+      Case c;
+      c.n = 0;
+      c.v = 203;
+      c.d = 45;
+      c.dtype = DType::kBFloat16;
+      c.bias = true;
+      c.grad_bias = true;
+      c.options.reduction = r;
+      SCOPED_TRACE(c.describe() + " strategy " + strategy_name(s));
+      const Inputs in = make_inputs(c);
+      PlanChoice choice;
+      choice.strategy = s;
+      Outputs out;
+      ASSERT_TRUE(run_fused_cuda(c, in, choice, &out));
+      EXPECT_EQ(out.loss[0], 0.0f);
+      for (int m = 0; m < kNumMetrics; ++m) EXPECT_EQ(out.metrics[m], 0.0f);
+      for (double v : out.dw.to_double()) ASSERT_EQ(v, 0.0);
+      for (double v : out.db.to_double()) ASSERT_EQ(v, 0.0);
+    }
+  }
+}
+
+// V > 65536: 70001 takes the scalar row paths; 69632 the vectorized ones and the wide column sum.
+TEST(CudaEdge, LargeVocabulary) {
+  SKIP_WITHOUT_DEVICE();
+  for (int64_t v : {int64_t(70001), int64_t(69632)}) {
+    for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
+      Case c;
+      c.n = 21;
+      c.v = v;
+      c.d = 24;
+      c.dtype = DType::kBFloat16;
+      c.bias = true;
+      c.grad_bias = true;
+      c.class_weights = s == Strategy::kRecompute;
+      c.options.softcap = 8.0f;
+      c.options.label_smoothing = 0.1f;
+      c.seed = 41;
+      SCOPED_TRACE(c.describe() + " strategy " + strategy_name(s));
+      const Inputs in = make_inputs(c);
+      PlanChoice choice;
+      choice.strategy = s;
+      Outputs out;
+      ASSERT_TRUE(run_fused_cuda(c, in, choice, &out));
+      expect_cuda_matches_reference(c, in, out);
+      expect_matches_cpu(c, in, choice, out);
+    }
+  }
+}
+
+// A label neither ignore_index nor in [0, V) cannot be reported synchronously: its loss is NaN.
+TEST(CudaEdge, OutOfRangeLabelGivesNan) {
+  SKIP_WITHOUT_DEVICE();
+  for (Reduction r : {Reduction::kMean, Reduction::kNone}) {
+    for (int64_t bad : {int64_t(203), int64_t(-3)}) {
+      Case c;
+      c.n = 37;
+      c.v = 203;
+      c.d = 45;
+      c.options.reduction = r;
+      c.grad_x = c.grad_weight = false;
+      c.seed = 51;
+      Inputs in = make_inputs(c);
+      in.labels64[5] = bad;
+      PlanChoice choice;
+      choice.strategy = Strategy::kRecompute;
+      Outputs out;
+      ASSERT_TRUE(run_fused_cuda(c, in, choice, &out));
+      if (r == Reduction::kMean) {
+        EXPECT_TRUE(std::isnan(out.loss[0])) << "loss " << out.loss[0];
+      } else {
+        for (int64_t i = 0; i < c.n; ++i) {
+          if (i == 5) {
+            EXPECT_TRUE(std::isnan(out.loss[i])) << "label " << bad;
+          } else {
+            EXPECT_TRUE(std::isfinite(out.loss[i])) << "row " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
+// --- cross_entropy_logits --------------------------------------------------------------------
+
+struct LogitsParam {
+  std::string name;
+  Case c;  // n, v, dtype, options, class_weights, int32_labels, grad_lse (d is ignored)
+  int64_t pad = 0;
+  bool in_place = false;
+};
+void PrintTo(const LogitsParam& p, std::ostream* os) { *os << p.name; }
+
+std::vector<LogitsParam> logits_params() {
+  std::vector<LogitsParam> out;
+  uint64_t seed = 950;
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (Reduction r : {Reduction::kMean, Reduction::kSum, Reduction::kNone}) {
+      const std::string rn = r == Reduction::kMean ? "mean" : r == Reduction::kSum ? "sum" : "none";
+      LogitsParam l;
+      l.c.n = 29;
+      l.c.v = 160;  // rows 16-byte aligned: vectorized
+      l.c.dtype = t;
+      l.c.options.reduction = r;
+      l.c.seed = ++seed;
+      l.name = std::string(dtype_name(t)) + "_" + rn;
+      out.push_back(l);
+      l.c.v = 157;  // scalar path
+      l.c.seed = ++seed;
+      l.c.options.label_smoothing = 0.1f;
+      l.c.options.z_loss = 1e-3f;
+      l.c.options.softcap = 5.0f;
+      l.c.options.logit_scale = -0.7f;
+      l.c.options.ignore_index = 2;
+      l.c.class_weights = true;
+      l.c.int32_labels = true;
+      l.c.grad_lse = true;
+      l.pad = 6;
+      l.in_place = true;
+      l.name += "_all_options_in_place";
+      out.push_back(l);
+      l.c.v = 160;  // vectorized and in place
+      l.pad = 8;
+      l.c.seed = ++seed;
+      l.name += "_vec";
+      out.push_back(l);
+    }
+  }
+  return out;
+}
+
+class CudaLogits : public ::testing::TestWithParam<LogitsParam> {};
+
+// The reference takes x W^T, so the logits are fed as x with W = I: its dx is dL/dlogits.
+TEST_P(CudaLogits, MatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  const LogitsParam& p = GetParam();
+  Case c = p.c;
+  c.d = c.v;
+  SCOPED_TRACE(c.describe());
+  const Inputs in = make_inputs(c);
+  const int64_t n = c.n, v = c.v, ld = v + p.pad;
+  TypedBuffer logits(c.dtype, n * ld);
+  logits.poison();
+  RefProblem ref = in.ref;
+  ref.weight.assign(v * v, 0.0);
+  for (int64_t j = 0; j < v; ++j) ref.weight[j * v + j] = 1.0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < v; ++j) logits.set(i * ld + j, 2.5 * ref.x[i * v + j]);
+    for (int64_t j = 0; j < v; ++j) ref.x[i * v + j] = logits.get(i * ld + j);
+  }
+  const std::vector<float> scale =
+      c.options.reduction == Reduction::kNone ? in.grad_loss : std::vector<float>{0.6f};
+
+  const DeviceBuffer d_logits = to_device(logits);
+  const DeviceBuffer d_labels = c.int32_labels ? to_device(in.labels32) : to_device(in.labels64);
+  const DeviceBuffer d_cw = c.class_weights ? to_device(in.class_weight) : DeviceBuffer();
+  const DeviceBuffer d_scale = to_device(scale);
+  const DeviceBuffer d_glse = c.grad_lse ? to_device(in.grad_lse) : DeviceBuffer();
+  const DeviceBuffer loss(sizeof(float) * (c.options.reduction == Reduction::kNone ? n : 1));
+  const DeviceBuffer lse(sizeof(float) * n), metrics(sizeof(float) * kNumMetrics);
+  const DeviceBuffer grad(logits.size() * dtype_size(c.dtype));
+  const DeviceBuffer ws(logits_workspace_bytes(n));
+
+  LogitsParams lp;
+  lp.logits = d_logits.raw();
+  lp.logits_row_stride = ld;
+  lp.labels = d_labels.raw();
+  lp.label_type = in.label_type();
+  lp.class_weight = static_cast<const float*>(d_cw.get());
+  lp.num_tokens = n;
+  lp.vocab_size = v;
+  lp.dtype = c.dtype;
+  lp.options = c.options;
+  lp.loss = static_cast<float*>(loss.raw());
+  lp.lse = static_cast<float*>(lse.raw());
+  lp.metrics = static_cast<float*>(metrics.raw());
+  lp.grad_logits = p.in_place ? d_logits.raw() : grad.raw();
+  lp.grad_row_stride = ld;
+  lp.grad_scale = static_cast<const float*>(d_scale.raw());
+  lp.grad_lse = static_cast<const float*>(d_glse.get());
+  lp.workspace = ws.get();
+  lp.workspace_bytes = ws.bytes();
+  const Status s = cross_entropy_logits(Device::kCuda, lp);
+  ASSERT_TRUE(s.ok()) << s.message;
+  CUDA_CHECK(cudaDeviceSynchronize());
+  for (const DeviceBuffer* b : {&d_logits, &loss, &lse, &metrics, &grad, &ws}) {
+    EXPECT_TRUE(b->canary_intact());
+  }
+
+  std::vector<float> h_loss(loss.bytes() / sizeof(float)), h_lse(n), h_metrics(kNumMetrics);
+  loss.download(h_loss.data(), loss.bytes());
+  lse.download(h_lse.data(), lse.bytes());
+  metrics.download(h_metrics.data(), metrics.bytes());
+  TypedBuffer got(c.dtype, n * ld);
+  (p.in_place ? d_logits : grad).download(got.data(), grad.bytes());
+
+  const RefForward f = reference_forward(ref);
+  const Tolerance tol = cuda_tolerance(c.dtype);
+  if (c.options.reduction == Reduction::kNone) {
+    for (int64_t i = 0; i < n; ++i) {
+      expect_scalar("loss[" + std::to_string(i) + "]", h_loss[i], f.row_loss[i], tol.loss);
+    }
+  } else {
+    expect_scalar("loss", h_loss[0], f.loss, tol.loss);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    expect_scalar("lse[" + std::to_string(i) + "]", h_lse[i], f.lse[i], tol.loss);
+  }
+  EXPECT_EQ(h_metrics[kMetricValidTokens], f.metrics[kMetricValidTokens]);
+  expect_scalar("max_logit", h_metrics[kMetricMaxLogit], f.metrics[kMetricMaxLogit], tol.loss);
+  expect_scalar("entropy", h_metrics[kMetricEntropy], f.metrics[kMetricEntropy], 10 * tol.loss);
+
+  RefUpstream up;
+  up.grad_loss.assign(scale.begin(), scale.end());
+  if (c.grad_lse) up.grad_lse.assign(in.grad_lse.begin(), in.grad_lse.end());
+  const RefGrads g = reference_backward(ref, up);
+  std::vector<double> dense(n * v);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < v; ++j) dense[i * v + j] = got.get(i * ld + j);
+    for (int64_t j = v; j < ld; ++j) {
+      EXPECT_TRUE(std::isnan(got.get(i * ld + j))) << "padding written at row " << i;
+    }
+  }
+  // dZ is rounded once into the dtype here, as on the CPU.
+  expect_close("grad_logits", dense, g.dx, tolerance_for(c.dtype).grad);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, CudaLogits, ::testing::ValuesIn(logits_params()),
+                         [](const ::testing::TestParamInfo<LogitsParam>& i) {
+                           return i.param.name;
+                         });
+
+TEST(CudaLogitsEdge, ZeroTokens) {
+  SKIP_WITHOUT_DEVICE();
+  const DeviceBuffer labels(sizeof(int64_t)), loss(sizeof(float)),
+      metrics(sizeof(float) * kNumMetrics), ws(logits_workspace_bytes(0));
+  LogitsParams lp;
+  lp.labels = labels.raw();
+  lp.num_tokens = 0;
+  lp.vocab_size = 10;
+  lp.logits_row_stride = 10;
+  lp.loss = static_cast<float*>(loss.raw());
+  lp.metrics = static_cast<float*>(metrics.raw());
+  lp.workspace = ws.get();
+  lp.workspace_bytes = ws.bytes();
+  ASSERT_TRUE(cross_entropy_logits(Device::kCuda, lp).ok());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  float h_loss = NAN;
+  std::vector<float> h_metrics(kNumMetrics, NAN);
+  loss.download(&h_loss, sizeof(float));
+  metrics.download(h_metrics.data(), metrics.bytes());
+  EXPECT_EQ(h_loss, 0.0f);
+  for (float m : h_metrics) EXPECT_EQ(m, 0.0f);
+}
+
+// --- Streams, determinism and CUDA graphs ----------------------------------------------------
+
+// Everything a fused call wrote, as bytes, for bitwise comparisons.
+std::vector<unsigned char> snapshot(const DeviceOutputs& o) {
+  std::vector<unsigned char> all;
+  for (const DeviceBuffer* b : {&o.loss, &o.lse, &o.metrics, &o.dx, &o.dw, &o.db}) {
+    std::vector<unsigned char> part(b->bytes());
+    b->download(part.data(), part.size());
+    all.insert(all.end(), part.begin(), part.end());
+  }
+  return all;
+}
+
+void poison(const DeviceOutputs& o) {
+  for (const DeviceBuffer* b : {&o.loss, &o.lse, &o.metrics, &o.dx, &o.dw, &o.db}) b->poison();
+}
+
+// A call on a user stream is bit-identical run to run (no atomics), and the same call captured in
+// a CUDA graph in global capture mode (which rejects synchronization and allocation) replays to the
+// same bits.
+TEST(CudaStream, DeterministicAndGraphCapturable) {
+  SKIP_WITHOUT_DEVICE();
+  for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
+    Case c;
+    c.n = 300;
+    c.v = 1000;
+    c.d = 64;
+    c.dtype = DType::kBFloat16;
+    c.bias = true;
+    c.grad_bias = true;
+    c.options.label_smoothing = 0.1f;
+    c.seed = 61;
+    SCOPED_TRACE(c.describe() + " strategy " + strategy_name(s));
+    const Inputs in = make_inputs(c);
+    PlanChoice choice;
+    choice.manual = true;
+    choice.plan.strategy = s;
+    choice.plan.forward_token_chunk = 128;
+    choice.plan.dw_group_tokens = 128;
+    choice.plan.backward_token_chunk = 128;
+    choice.plan.backward_vocab_chunk = 256;
+    const Plan plan = cuda_plan(c, choice);
+    const DeviceInputs d = upload(c, in);
+    const DeviceOutputs o = make_outputs(c);
+    const DeviceBuffer fws(plan.forward_workspace_bytes), bws(plan.backward_workspace_bytes);
+    cudaStream_t stream = nullptr;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    auto call = [&]() -> Status {
+      ForwardParams f = forward_params(c, in, d, o, plan);
+      f.workspace = fws.get();
+      f.workspace_bytes = fws.bytes();
+      f.stream = stream;
+      Status st = forward(Device::kCuda, f);
+      if (!st.ok() || s != Strategy::kRecompute) return st;
+      BackwardParams b = backward_params(c, in, d, o, plan);
+      b.workspace = bws.get();
+      b.workspace_bytes = bws.bytes();
+      b.stream = stream;
+      return backward(Device::kCuda, b);
+    };
+
+    Status st = call();
+    ASSERT_TRUE(st.ok()) << st.message;
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<unsigned char> first = snapshot(o);
+    poison(o);
+    st = call();
+    ASSERT_TRUE(st.ok()) << st.message;
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    EXPECT_TRUE(snapshot(o) == first) << "two eager runs differ";
+
+    poison(o);
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    st = call();
+    cudaGraph_t graph = nullptr;
+    const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+    ASSERT_TRUE(st.ok()) << "during capture: " << st.message;
+    ASSERT_EQ(end, cudaSuccess) << cudaGetErrorString(end);
+    cudaGraphExec_t exec = nullptr;
+    CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    EXPECT_TRUE(snapshot(o) == first) << "the graph replay differs from the eager run";
+    CUDA_CHECK(cudaGraphExecDestroy(exec));
+    CUDA_CHECK(cudaGraphDestroy(graph));
+    CUDA_CHECK(cudaStreamDestroy(stream));
+
+    Outputs out;
+    out.plan = plan;
+    out.has_grads = true;
+    download(c, o, &out);
+    expect_cuda_matches_reference(c, in, out);
+  }
+}
+
+// --- N * V > 2^31 ----------------------------------------------------------------------------
+
+// 17000 x 131072 logits (2.2e9 elements) in one forward block and in one dZ buffer, so every
+// element offset past 2^31 is exercised. Too large for the full reference: sampled rows are
+// checked in float64 (loss, lse, dx), and sampled columns of dW against a float64 sum that uses
+// the (already checked) lse of every row. Needs about 10 GiB of device memory.
+TEST(CudaEdge, BeyondInt32Elements) {
+  SKIP_WITHOUT_DEVICE();
+  Case c;
+  c.n = 17000;
+  c.v = 131072;
+  c.d = 64;
+  c.dtype = DType::kBFloat16;
+  c.options.reduction = Reduction::kNone;
+  c.ignore_fraction = 0.1;
+  c.seed = 71;
+  const int64_t n = c.n, v = c.v, dd = c.d;
+  ASSERT_GT(n * v, int64_t(1) << 31);
+  const Inputs in = make_inputs(c);
+  PlanChoice choice;
+  choice.manual = true;
+  choice.plan.strategy = Strategy::kRecompute;
+  choice.plan.forward_token_chunk = n;      // one [N, V] fp32 logits block
+  choice.plan.backward_token_chunk = 8192;  // token blocks written into one [N, V] dZ buffer
+  choice.plan.backward_vocab_chunk = v;
+  Outputs out;
+  ASSERT_TRUE(run_fused_cuda(c, in, choice, &out));
+
+  for (int64_t i = 0; i < n; ++i) {
+    ASSERT_TRUE(std::isfinite(out.lse[i]) && std::isfinite(out.loss[i])) << "row " << i;
+  }
+  const RefProblem& r = in.ref;
+  auto logits_row = [&](int64_t i, std::vector<double>* z) {
+    z->assign(v, 0.0);
+    for (int64_t col = 0; col < v; ++col) {
+      double s = 0.0;
+      for (int64_t k = 0; k < dd; ++k) s += r.x[i * dd + k] * r.weight[col * dd + k];
+      (*z)[col] = s;
+    }
+  };
+  const int64_t rows[] = {0, 1, 4097, 8191, 8192, 12000, 16383, 16384, 16385, 16999};
+  const double grad_tol = 3.0 / 256;  // bf16 dZ and bf16 output, per row of only D elements
+  std::vector<double> z;
+  for (int64_t i : rows) {
+    logits_row(i, &z);
+    double m = -INFINITY;
+    for (double zz : z) m = std::max(m, zz);
+    double se = 0.0;
+    for (double zz : z) se += std::exp(zz - m);
+    const double lse = m + std::log(se);
+    const int64_t y = r.labels[i];
+    const bool valid = y != c.options.ignore_index;
+    EXPECT_NEAR(out.lse[i], lse, 2e-5 * std::max(1.0, std::abs(lse))) << "row " << i;
+    const double loss = valid ? lse - z[y] : 0.0;
+    EXPECT_NEAR(out.loss[i], loss, 2e-5 * std::max(1.0, std::abs(loss))) << "row " << i;
+    std::vector<double> dx(dd, 0.0);
+    if (valid) {
+      const double g = in.grad_loss[i];
+      for (int64_t col = 0; col < v; ++col) {
+        const double dz = g * (std::exp(z[col] - lse) - (col == y ? 1.0 : 0.0));
+        for (int64_t k = 0; k < dd; ++k) dx[k] += dz * r.weight[col * dd + k];
+      }
+    }
+    std::vector<double> got(dd);
+    for (int64_t k = 0; k < dd; ++k) got[k] = out.dx.get(i * dd + k);
+    expect_close("dx row " + std::to_string(i), got, dx, grad_tol);
+  }
+
+  std::vector<int64_t> cols = {0, 1, v / 2, v - 1};
+  for (int64_t i : {int64_t(3), int64_t(16500), int64_t(16998)}) {
+    if (r.labels[i] != c.options.ignore_index) cols.push_back(r.labels[i]);  // a target column
+  }
+  for (int64_t col : cols) {
+    std::vector<double> dw(dd, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t y = r.labels[i];
+      if (y == c.options.ignore_index) continue;
+      double zz = 0.0;
+      for (int64_t k = 0; k < dd; ++k) zz += r.x[i * dd + k] * r.weight[col * dd + k];
+      const double dz = in.grad_loss[i] * (std::exp(zz - out.lse[i]) - (col == y ? 1.0 : 0.0));
+      for (int64_t k = 0; k < dd; ++k) dw[k] += dz * r.x[i * dd + k];
+    }
+    std::vector<double> got(dd);
+    for (int64_t k = 0; k < dd; ++k) got[k] = out.dw.get(col * dd + k);
+    expect_close("dW column " + std::to_string(col), got, dw, grad_tol);
+  }
+}
+
+}  // namespace
+}  // namespace flce::test
+
+#endif  // FLCE_WITH_CUDA

@@ -1,0 +1,365 @@
+// The public fused API (make_plan, forward, backward) on the CPU against the float64 reference:
+// every option alone and together, every reduction, both strategies, all dtypes, edge shapes.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "harness.h"
+
+namespace flce::test {
+namespace {
+
+struct NamedCase {
+  std::string name;
+  Case c;
+};
+
+Case base_case(uint64_t seed) {
+  Case c;
+  c.n = 37;
+  c.v = 203;
+  c.d = 45;
+  c.seed = seed;
+  return c;
+}
+
+// Each option alone, then all at once; applied to a base case.
+std::vector<std::pair<std::string, std::function<void(Case&)>>> option_variants() {
+  return {
+      {"plain", [](Case&) {}},
+      {"ignore_index_in_range", [](Case& c) { c.options.ignore_index = 5; }},
+      {"no_ignored_rows", [](Case& c) { c.ignore_fraction = 0.0; }},
+      {"label_smoothing", [](Case& c) { c.options.label_smoothing = 0.1f; }},
+      {"z_loss", [](Case& c) { c.options.z_loss = 0.01f; }},
+      {"softcap", [](Case& c) { c.options.softcap = 4.0f; }},
+      {"logit_scale", [](Case& c) { c.options.logit_scale = 0.6f; }},
+      {"negative_logit_scale", [](Case& c) { c.options.logit_scale = -1.3f; }},
+      {"bias",
+       [](Case& c) {
+         c.bias = true;
+         c.grad_bias = true;
+       }},
+      {"class_weights", [](Case& c) { c.class_weights = true; }},
+      {"int32_labels", [](Case& c) { c.int32_labels = true; }},
+      {"strided_x", [](Case& c) { c.x_pad = 7; }},
+      {"all_options",
+       [](Case& c) {
+         c.options.ignore_index = 9;
+         c.options.label_smoothing = 0.05f;
+         c.options.z_loss = 1e-3f;
+         c.options.softcap = 6.0f;
+         c.options.logit_scale = -0.8f;
+         c.bias = true;
+         c.grad_bias = true;
+         c.class_weights = true;
+         c.int32_labels = true;
+         c.x_pad = 3;
+       }},
+  };
+}
+
+std::string strategy_name(Strategy s) {
+  return s == Strategy::kGradInForward ? "gif" : s == Strategy::kRecompute ? "recompute" : "auto";
+}
+std::string reduction_name(Reduction r) {
+  return r == Reduction::kMean ? "mean" : r == Reduction::kSum ? "sum" : "none";
+}
+
+struct FusedParam {
+  std::string name;
+  Case c;
+  Strategy strategy;
+};
+
+std::vector<FusedParam> fused_params() {
+  std::vector<FusedParam> out;
+  uint64_t seed = 100;
+  for (const auto& [oname, apply] : option_variants()) {
+    for (Reduction r : {Reduction::kMean, Reduction::kSum, Reduction::kNone}) {
+      for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
+        if (r == Reduction::kNone && s == Strategy::kGradInForward) continue;
+        Case c = base_case(++seed);
+        c.options.reduction = r;
+        apply(c);
+        out.push_back({oname + "_" + reduction_name(r) + "_" + strategy_name(s), c, s});
+      }
+    }
+  }
+  // Backpropagation through the returned lse, alone and with per-token upstream gradients.
+  for (Reduction r : {Reduction::kMean, Reduction::kNone}) {
+    Case c = base_case(++seed);
+    c.options.reduction = r;
+    c.grad_lse = true;
+    c.options.z_loss = 1e-3f;
+    out.push_back({"grad_lse_" + reduction_name(r), c, Strategy::kRecompute});
+  }
+  // Half-precision inputs, plain and with every option.
+  for (DType t : {DType::kFloat16, DType::kBFloat16}) {
+    for (bool all : {false, true}) {
+      for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
+        Case c = base_case(++seed);
+        c.dtype = t;
+        if (all) option_variants().back().second(c);
+        out.push_back(
+            {std::string(dtype_name(t)) + (all ? "_all_options_" : "_plain_") + strategy_name(s), c,
+             s});
+      }
+    }
+  }
+  // Only some of the gradients.
+  {
+    Case c = base_case(++seed);
+    c.grad_weight = false;
+    c.bias = true;
+    out.push_back({"only_dx_recompute", c, Strategy::kRecompute});
+    out.push_back({"only_dx_gif", c, Strategy::kGradInForward});
+    c.grad_x = false;
+    c.grad_weight = true;
+    out.push_back({"only_dw_recompute", c, Strategy::kRecompute});
+    out.push_back({"only_dw_gif", c, Strategy::kGradInForward});
+    c.grad_weight = false;
+    c.grad_bias = true;
+    out.push_back({"only_db_recompute", c, Strategy::kRecompute});
+    out.push_back({"only_db_gif", c, Strategy::kGradInForward});
+  }
+  // Forward only.
+  {
+    Case c = base_case(++seed);
+    c.grad_x = c.grad_weight = false;
+    c.options.softcap = 10.0f;
+    out.push_back({"forward_only", c, Strategy::kAuto});
+  }
+  // The auto strategy, including a single row and a vocabulary of one.
+  {
+    Case c = base_case(++seed);
+    out.push_back({"auto_mean", c, Strategy::kAuto});
+    c.n = 1;
+    c.ignore_fraction = 0.0;
+    out.push_back({"single_row", c, Strategy::kAuto});
+    c = base_case(++seed);
+    c.v = 1;
+    c.options.label_smoothing = 0.2f;
+    out.push_back({"vocab_of_one", c, Strategy::kRecompute});
+  }
+  return out;
+}
+
+void PrintTo(const FusedParam& p, std::ostream* os) { *os << p.name; }
+
+class Fused : public ::testing::TestWithParam<FusedParam> {};
+
+TEST_P(Fused, MatchesReference) {
+  const FusedParam& p = GetParam();
+  SCOPED_TRACE(p.c.describe());
+  const Inputs in = make_inputs(p.c);
+  PlanChoice choice;
+  choice.strategy = p.strategy;
+  Outputs out;
+  ASSERT_TRUE(run_fused(p.c, in, choice, &out));
+  if (p.strategy != Strategy::kAuto) {
+    EXPECT_EQ(out.plan.strategy, p.strategy);
+  }
+  expect_matches_reference(p.c, in, out);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cpu, Fused, ::testing::ValuesIn(fused_params()),
+                         [](const ::testing::TestParamInfo<FusedParam>& i) {
+                           return i.param.name;
+                         });
+
+// Every row ignored: loss 0, every gradient exactly 0, no NaN anywhere, metrics 0.
+TEST(FusedEdge, AllRowsIgnored) {
+  for (Reduction r : {Reduction::kMean, Reduction::kSum, Reduction::kNone}) {
+    for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
+      if (r == Reduction::kNone && s == Strategy::kGradInForward) continue;
+      Case c = base_case(7);
+      c.options.reduction = r;
+      c.all_ignored = true;
+      c.bias = true;
+      c.grad_bias = true;
+      c.class_weights = true;
+      SCOPED_TRACE(c.describe() + " strategy " + strategy_name(s));
+      const Inputs in = make_inputs(c);
+      PlanChoice choice;
+      choice.strategy = s;
+      Outputs out;
+      ASSERT_TRUE(run_fused(c, in, choice, &out));
+      for (float l : out.loss) {
+        EXPECT_EQ(l, 0.0f);
+      }
+      for (int m = 0; m < kNumMetrics; ++m) {
+        EXPECT_EQ(out.metrics[m], 0.0f) << "metric " << m;
+      }
+      for (const TypedBuffer* g : {&out.dx, &out.dw, &out.db}) {
+        for (double v : g->to_double()) {
+          ASSERT_EQ(v, 0.0);
+        }
+      }
+      for (int64_t i = 0; i < c.n; ++i) {
+        EXPECT_TRUE(std::isfinite(out.lse[i]));
+      }
+    }
+  }
+}
+
+// With grad_lse, ignored rows still get a gradient (through their lse) even when all are ignored.
+TEST(FusedEdge, AllRowsIgnoredWithGradLse) {
+  Case c = base_case(8);
+  c.all_ignored = true;
+  c.grad_lse = true;
+  const Inputs in = make_inputs(c);
+  PlanChoice choice;
+  choice.strategy = Strategy::kRecompute;
+  Outputs out;
+  ASSERT_TRUE(run_fused(c, in, choice, &out));
+  expect_matches_reference(c, in, out);
+}
+
+TEST(FusedEdge, ZeroTokens) {
+  for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
+    for (Reduction r : {Reduction::kMean, Reduction::kSum}) {
+      Case c = base_case(9);
+      c.n = 0;
+      c.bias = true;
+      c.grad_bias = true;
+      c.options.reduction = r;
+      const Inputs in = make_inputs(c);
+      PlanChoice choice;
+      choice.strategy = s;
+      Outputs out;
+      ASSERT_TRUE(run_fused(c, in, choice, &out));
+      EXPECT_EQ(out.loss[0], 0.0f);
+      for (int m = 0; m < kNumMetrics; ++m) {
+        EXPECT_EQ(out.metrics[m], 0.0f);
+      }
+      for (double v : out.dw.to_double()) {
+        ASSERT_EQ(v, 0.0);
+      }
+      for (double v : out.db.to_double()) {
+        ASSERT_EQ(v, 0.0);
+      }
+    }
+  }
+}
+
+// A vocabulary beyond 65536 (16-bit index overflow, grid limits on the GPU).
+TEST(FusedEdge, LargeVocabulary) {
+  for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
+    Case c;
+    c.n = 13;
+    c.v = 70001;
+    c.d = 11;
+    c.bias = true;
+    c.grad_bias = true;
+    c.options.softcap = 8.0f;
+    c.options.label_smoothing = 0.1f;
+    c.seed = 11;
+    SCOPED_TRACE(c.describe());
+    const Inputs in = make_inputs(c);
+    PlanChoice choice;
+    choice.strategy = s;
+    Outputs out;
+    ASSERT_TRUE(run_fused(c, in, choice, &out));
+    expect_matches_reference(c, in, out);
+  }
+}
+
+// Hand-made plans covering each chunked path of the driver.
+struct ChunkParam {
+  std::string name;
+  Plan plan;
+  DType dtype;
+};
+
+std::vector<ChunkParam> chunk_params() {
+  std::vector<ChunkParam> out;
+  for (DType t : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
+    const std::string dn = dtype_name(t);
+    Plan p;
+    p.strategy = Strategy::kGradInForward;
+    p.forward_token_chunk = 17;  // dZ in place per chunk, dW accumulated over 5 chunks
+    p.dw_group_tokens = 17;
+    out.push_back({dn + "_gif_in_place_chunks", p, t});
+    p.dw_group_tokens = 77;  // dZ of all tokens kept across 5 chunks, one dW GEMM
+    out.push_back({dn + "_gif_group_all_tokens", p, t});
+    p = Plan();
+    p.strategy = Strategy::kRecompute;
+    p.forward_token_chunk = 19;
+    p.backward_token_chunk = 13;  // several token blocks and several vocabulary chunks
+    p.backward_vocab_chunk = 37;
+    out.push_back({dn + "_recompute_token_and_vocab_chunks", p, t});
+    p.backward_token_chunk = 77;  // one token block, dZ in place, several vocabulary chunks
+    out.push_back({dn + "_recompute_vocab_chunks", p, t});
+    p.backward_token_chunk = 13;  // several token blocks, one vocabulary chunk
+    p.backward_vocab_chunk = 211;
+    out.push_back({dn + "_recompute_token_chunks", p, t});
+  }
+  return out;
+}
+
+void PrintTo(const ChunkParam& p, std::ostream* os) { *os << p.name; }
+
+class Chunked : public ::testing::TestWithParam<ChunkParam> {};
+
+TEST_P(Chunked, MatchesReference) {
+  const ChunkParam& p = GetParam();
+  Case c;
+  c.n = 77;
+  c.v = 211;
+  c.d = 39;
+  c.dtype = p.dtype;
+  c.bias = true;
+  c.grad_bias = true;
+  c.class_weights = true;
+  c.options.label_smoothing = 0.1f;
+  c.options.softcap = 7.0f;
+  c.x_pad = 5;
+  c.seed = 21;
+  SCOPED_TRACE(c.describe());
+  const Inputs in = make_inputs(c);
+  PlanChoice choice;
+  choice.manual = true;
+  choice.plan = p.plan;
+  Outputs out;
+  ASSERT_TRUE(run_fused(c, in, choice, &out));
+  expect_matches_reference(c, in, out);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cpu, Chunked, ::testing::ValuesIn(chunk_params()),
+                         [](const ::testing::TestParamInfo<ChunkParam>& i) {
+                           return i.param.name;
+                         });
+
+// Budgets from roomy to the minimum: whatever the planner picks must match the reference.
+TEST(FusedBudget, EveryBudgetMatchesReference) {
+  Case c;
+  c.n = 150;
+  c.v = 301;
+  c.d = 33;
+  c.bias = true;
+  c.grad_bias = true;
+  c.dtype = DType::kBFloat16;
+  c.seed = 31;
+  const Inputs in = make_inputs(c);
+  const Problem prob = make_problem(c);
+  Plan roomy;
+  ASSERT_TRUE(make_plan(prob, Device::kCpu, kDefaultMemoryBudget, Strategy::kAuto, &roomy).ok());
+  const size_t min_budget = roomy.min_budget_bytes;
+  for (Strategy s : {Strategy::kAuto, Strategy::kRecompute}) {
+    for (double f : {1.0, 1.05, 1.2, 1.5, 2.0, 4.0}) {
+      PlanChoice choice;
+      choice.strategy = s;
+      choice.budget = static_cast<size_t>(min_budget * f);
+      SCOPED_TRACE("budget " + std::to_string(choice.budget) + " strategy " + strategy_name(s));
+      Outputs out;
+      ASSERT_TRUE(run_fused(c, in, choice, &out));
+      expect_matches_reference(c, in, out);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace flce::test

@@ -1,0 +1,123 @@
+// Shared test machinery: random problems stored in any dtype, poisoned outputs, workspaces with
+// canaries, one call of the public API (forward, then backward for the recompute strategy) and
+// the comparison of everything it produced with the float64 reference.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "flce/flce.h"
+#include "reference.h"
+
+namespace flce::test {
+
+// A host buffer of `count` elements of `type`; get/set go through double.
+class TypedBuffer {
+ public:
+  TypedBuffer() = default;
+  TypedBuffer(DType type, int64_t count);
+  void* data() { return bytes_.empty() ? nullptr : bytes_.data(); }
+  const void* data() const { return bytes_.empty() ? nullptr : bytes_.data(); }
+  int64_t size() const { return count_; }
+  DType type() const { return type_; }
+  double get(int64_t i) const;
+  void set(int64_t i, double v);  // rounds to the dtype (round-to-nearest-even)
+  void poison();                  // every element NaN
+  std::vector<double> to_double() const;
+
+ private:
+  DType type_ = DType::kFloat32;
+  int64_t count_ = 0;
+  std::vector<unsigned char> bytes_;
+};
+
+// A 256-byte aligned block of exactly `bytes`, filled with NaN bytes, followed by canary bytes
+// that must survive the call.
+class Workspace {
+ public:
+  explicit Workspace(size_t bytes);
+  ~Workspace();
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  void* data() { return bytes_ == 0 ? nullptr : base_; }
+  size_t bytes() const { return bytes_; }
+  bool canary_intact() const;
+
+ private:
+  static constexpr size_t kCanary = 512;
+  unsigned char* base_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+struct Case {
+  int64_t n = 37, v = 101, d = 29;
+  DType dtype = DType::kFloat32;
+  LossOptions options;
+  bool bias = false;
+  bool class_weights = false;
+  bool int32_labels = false;
+  int64_t x_pad = 0;  // x row stride = d + x_pad; the padding holds NaN
+  double ignore_fraction = 0.15;
+  bool all_ignored = false;
+  bool grad_x = true, grad_weight = true, grad_bias = false;
+  bool grad_lse = false;  // backpropagate through the returned lse (recompute only)
+  double logit_std = 3.0;
+  uint64_t seed = 1;
+  std::string describe() const;
+};
+
+struct Inputs {
+  RefProblem ref;  // the values actually stored (after rounding to the dtype)
+  TypedBuffer x, weight, bias;
+  int64_t x_stride = 0;
+  std::vector<int64_t> labels64;
+  std::vector<int32_t> labels32;
+  std::vector<float> class_weight;
+  RefUpstream up;  // for the recompute backward
+  std::vector<float> grad_loss, grad_lse;
+  const void* labels() const {
+    return labels32.empty() ? static_cast<const void*>(labels64.data()) : labels32.data();
+  }
+  IndexType label_type() const { return labels32.empty() ? IndexType::kInt64 : IndexType::kInt32; }
+};
+
+Inputs make_inputs(const Case& c);
+Problem make_problem(const Case& c);
+
+struct Outputs {
+  Plan plan;
+  std::vector<float> loss, lse, metrics;
+  TypedBuffer dx, dw, db;
+  bool has_grads = false;
+};
+
+// How a test chooses the plan: by the planner (strategy + budget) or a hand-made one whose
+// workspace sizes are filled from the layout functions.
+struct PlanChoice {
+  Strategy strategy = Strategy::kAuto;
+  size_t budget = kDefaultMemoryBudget;
+  bool manual = false;
+  Plan plan;  // when manual: strategy and chunk fields
+};
+
+// Runs forward (and backward for recompute), with exact-size workspaces guarded by canaries and
+// NaN-poisoned outputs. Records gtest failures for bad statuses or canaries; returns false then.
+bool run_fused(const Case& c, const Inputs& in, const PlanChoice& choice, Outputs* out);
+
+struct Tolerance {
+  double loss;  // relative, on loss, lse and metrics
+  double grad;  // norm-wise relative on dx, dW, db
+};
+Tolerance tolerance_for(DType dtype);
+
+// Checks every output against the reference: loss / lse / metrics and the gradients (for an
+// upstream gradient of 1 when the forward produced them, else in.up).
+void expect_matches_reference(const Case& c, const Inputs& in, const Outputs& out);
+
+// Element-wise and norm-wise comparison of a whole tensor; every element must be finite.
+void expect_close(const std::string& what, const std::vector<double>& got,
+                  const std::vector<double>& ref, double norm_rtol);
+
+}  // namespace flce::test

@@ -1,0 +1,174 @@
+"""Smoke tests of the benchmark's code paths (python -m flce.bench) on tiny shapes.
+
+They prove the benchmark runs and that its reference and accuracy figures are right; they never
+assert on timings (the benchmark itself proves speed, on the GPU).
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flce.bench import cli, data
+from flce.bench.reference import reference, relative_error
+
+TINY = "tiny:67:1031:48"  # no dimension a multiple of 8
+
+
+def _autograd_float64(x, w, y, softcap):
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    z = x64 @ w64.T
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    loss = F.cross_entropy(z, y, ignore_index=data.IGNORE_INDEX)
+    loss.backward()
+    return float(loss.detach()), x64.grad, w64.grad
+
+
+@pytest.mark.parametrize("n,v,d,softcap", [(37, 1031, 24, None), (37, 1031, 24, 5.0),
+                                           (5, 70001, 8, None)])
+def test_reference_matches_float64_autograd(n, v, d, softcap):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=gen) * 2
+    w = torch.randn(v, d, generator=gen)
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[::4] = data.IGNORE_INDEX
+    # A small chunk so that the token chunking (and its last, partial chunk) is exercised.
+    ref = reference(x, w, y, softcap=softcap, chunk_bytes=3 * v * 8)
+    loss, gx, gw = _autograd_float64(x, w, y, softcap)
+    assert ref.valid_tokens == int((y != data.IGNORE_INDEX).sum())
+    assert math.isclose(ref.loss, loss, rel_tol=1e-12)
+    # The reference keeps float64 results rounded once to float32.
+    assert relative_error(ref.grad_x, gx) < 1e-6
+    assert relative_error(ref.grad_weight, gw) < 1e-6
+
+
+def test_relative_error_is_chunked_norm_ratio():
+    gen = torch.Generator().manual_seed(2)
+    ref = torch.randn(53, 7, generator=gen)
+    got = ref + 0.01 * torch.randn(53, 7, generator=gen)
+    expected = float((got.double() - ref.double()).norm() / ref.double().norm())
+    assert math.isclose(relative_error(got, ref, chunk_rows=10), expected, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("kind", data.KINDS)
+def test_make_inputs(kind):
+    shape = data.Shape("t", 203, 301, 64)
+    x, w, y = data.make_inputs(shape, kind, torch.device("cpu"), dtype=torch.float32, seed=3)
+    assert x.shape == (203, 64) and w.shape == (301, 64) and y.shape == (203,)
+    assert x.requires_grad and w.requires_grad and y.dtype == torch.long
+    ignored = y == data.IGNORE_INDEX
+    assert int(ignored.sum()) == round(0.1 * 203)
+    assert bool(((y[~ignored] >= 0) & (y[~ignored] < 301)).all())
+    z = (x @ w.T).detach()
+    assert float(x.detach().std()) > 0.1 and float(w.detach().std()) > 0
+    if kind == "lm":
+        assert 3.5 < float(z.std()) < 5.5
+        # Labels come from the model's own softmax: they are far likelier than chance to be a
+        # high logit of their row.
+        valid = ~ignored
+        hit = z[valid].gather(1, y[valid, None]) >= z[valid].quantile(0.9, dim=1, keepdim=True)
+        assert float(hit.float().mean()) > 0.5
+    elif kind == "flat":
+        assert 0.7 < float(z.std()) < 1.3
+    else:
+        # CCE's generator: token i's own row of W is x_i, the dominant logit of its row.
+        assert bool((z.argmax(dim=1)[:203] == torch.arange(203)).all())
+
+
+def test_make_inputs_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        data.make_inputs(data.Shape("t", 4, 5, 6), "zeros", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name,slug", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                       ("NVIDIA A100-SXM4-80GB", "a100"),
+                                       ("Some Accelerator", "some-accelerator")])
+def test_gpu_slug(name, slug):
+    assert cli.gpu_slug(name) == slug
+
+
+def test_parse_shape():
+    s = data.parse_shape(TINY)
+    assert (s.name, s.num_tokens, s.vocab_size, s.hidden_size) == ("tiny", 67, 1031, 48)
+    with pytest.raises(ValueError, match="--shape"):
+        data.parse_shape("tiny:67:1031")
+
+
+def _run(tmp_path, *extra):
+    args = ["--device", "cpu", "--shape", TINY, "--out", str(tmp_path), "--warmup", "1",
+            "--iters", "1", "--anchor-wheels", str(tmp_path / "no-wheels"), "--tag", "t",
+            "--no-plots", *extra]
+    assert cli.main(args) == 0
+    with open(tmp_path / "cpu-t.json") as f:
+        return json.load(f)
+
+
+def test_benchmark_runs_on_cpu(tmp_path):
+    methods = "floor,torch,flce_gif,flce_recompute,flce_auto,cce,cce_exact,liger"
+    out = _run(tmp_path, "--methods", methods, "--scaling-n", "64,96", "--scaling-v", "1031",
+               "--scaling-d", "48", "--scaling-methods", "flce_auto,torch")
+    rows = {r["method"]: r for r in out["results"]}
+    assert list(rows) == methods.split(",")
+    assert all(r["shape"] == "tiny" and r["kind"] == "lm" for r in rows.values())
+    assert rows["floor"]["status"] == "ok" and rows["floor"]["fwd_bwd_ms"] > 0
+    for name in ("torch", "flce_gif", "flce_recompute", "flce_auto"):
+        r = rows[name]
+        assert r["status"] == "ok", (name, r["error"])
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["ratio_floor"] > 0
+        # bf16 inputs: PyTorch's own error (bf16 logits) is ~1e-2 at this size.
+        assert r["loss_rel_err"] < 2e-2 and r["dx_rel_err"] < 3e-2 and r["dw_rel_err"] < 3e-2
+    for name in ("flce_gif", "flce_recompute", "flce_auto"):
+        assert rows[name]["plan"]["strategy"] in ("grad_in_forward", "recompute")
+    assert rows["flce_recompute"]["plan"]["strategy"] == "recompute"
+    assert rows["flce_auto"]["fwd_only_ms"] > 0
+    for name in ("cce", "cce_exact", "liger"):  # the anchors need CUDA: skipped with a reason
+        assert rows[name]["status"] == "skipped" and rows[name]["error"]
+    assert [(r["method"], r["N"]) for r in out["scaling"]] == [
+        ("flce_auto", 64), ("torch", 64), ("flce_auto", 96), ("torch", 96)]
+    assert all(r["status"] == "ok" and r["fwd_bwd_ms"] > 0 for r in out["scaling"])
+    md = (tmp_path / "cpu-t.md").read_text()
+    assert "## tiny, lm data (N=67, V=1031, D=48)" in md and "| flce_auto |" in md
+    assert "Memory and time as N grows" in md
+
+    # --append keeps what the earlier run measured and replaces what is measured again.
+    out = _run(tmp_path, "--append", "--methods", "torch", "--kinds", "flat", "--scaling-n",
+               "none", "--no-forward-only")
+    keys = [(r["kind"], r["method"]) for r in out["results"]]
+    assert ("lm", "flce_auto") in keys and ("flat", "torch") in keys
+    assert len(keys) == len(set(keys)) == len(methods.split(",")) + 1
+    assert len(out["scaling"]) == 4
+
+
+def test_failures_are_reported_not_hidden(tmp_path):
+    # A budget far too small for any plan: flce must fail with its message, the run go on.
+    out = _run(tmp_path, "--methods", "torch,flce_recompute", "--recompute-budget", "64",
+               "--scaling-n", "none")
+    rows = {r["method"]: r for r in out["results"]}
+    assert rows["torch"]["status"] == "ok"
+    assert rows["flce_recompute"]["status"] == "failed"
+    assert "memory_budget" in rows["flce_recompute"]["error"]
+
+
+@pytest.mark.gpu
+def test_benchmark_runs_on_cuda(tmp_path, device):
+    out_dir = tmp_path / "cuda"
+    args = ["--device", "cuda", "--shape", TINY, "--out", str(out_dir), "--warmup", "1",
+            "--iters", "2", "--tag", "t", "--scaling-n", "128,256", "--scaling-v", "1031",
+            "--scaling-d", "48"]
+    assert cli.main(args) == 0
+    (path,) = out_dir.glob("*-t.json")
+    with open(path) as f:
+        out = json.load(f)
+    rows = {r["method"]: r for r in out["results"]}
+    for name in ("floor", "torch", "torch_compile", "flce_gif", "flce_recompute", "flce_auto"):
+        r = rows[name]
+        assert r["status"] == "ok", (name, r["error"])
+        assert r["extra_bytes"] > 0 and r["fwd_bwd_ms"] > 0
+    for name in ("cce", "cce_exact", "liger"):  # optional: never silently missing
+        assert rows[name]["status"] == "ok" or rows[name]["error"]
+    assert rows["torch"]["ratio_compile"] > 0
+    assert all(r["extra_bytes"] is not None for r in out["scaling"] if r["status"] == "ok")

@@ -1,0 +1,226 @@
+"""The raw ops (opcheck), the planner, and the error messages of invalid calls."""
+
+import pytest
+import torch
+from flce_reference import make_inputs, random_labels
+
+import flce
+from flce import _ops
+
+
+def plan_list(n, v, d, dtype, device, strategy, **kw):
+    p = flce.plan(n, v, d, dtype, device, strategy=strategy, **kw)
+    return [_ops.STRATEGIES[p["strategy"]]] + [p[k] for k in _ops.PLAN_FIELDS[1:]]
+
+
+OPTIONS = (-100, 0, 0.1, 1e-3, 4.0, 1.1)  # ignore_index, mean, smoothing, z_loss, softcap, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_lce(device, dtype):
+    n, v, d = 9, 37, 12
+    x, w, b = make_inputs((n,), v, d, device, dtype, bias=True)
+    x, w, b = [t.requires_grad_(True) for t in (x, w, b)]
+    y = random_labels((n,), v, device)
+    cw = torch.rand(v, device=device) + 0.5
+    gif = plan_list(n, v, d, dtype, device, "grad_in_forward", has_bias=True, needs_grad_bias=True)
+    rec = plan_list(n, v, d, dtype, device, "recompute", has_bias=True, needs_grad_bias=True)
+    torch.library.opcheck(
+        torch.ops.flce.lce_forward.default, (x, w, b, y, cw, *OPTIONS, gif, True, True, True, True)
+    )
+    torch.library.opcheck(
+        torch.ops.flce.lce_forward.default,
+        (x, w, None, y, None, *OPTIONS, rec, False, False, False, False),
+    )
+    lse = torch.randn(n, device=device)
+    torch.library.opcheck(
+        torch.ops.flce.lce_backward.default,
+        (
+            x.detach(),
+            w.detach(),
+            b.detach(),
+            y,
+            cw,
+            lse,
+            torch.tensor(0.7, device=device),
+            torch.randn(n, device=device),
+            *OPTIONS,
+            rec,
+            True,
+            True,
+            True,
+        ),
+    )
+    none = (-100, 2, 0.0, 0.0, 0.0, 1.0)
+    torch.library.opcheck(
+        torch.ops.flce.lce_backward.default,
+        (
+            x.detach(),
+            w.detach(),
+            None,
+            y,
+            None,
+            lse,
+            torch.randn(n, device=device),
+            None,
+            *none,
+            rec,
+            True,
+            False,
+            False,
+        ),
+    )
+
+
+def test_opcheck_ce(device):
+    logits = torch.randn(9, 37, device=device, requires_grad=True)
+    y = random_labels((9,), 37, device)
+    cw = torch.rand(37, device=device) + 0.5
+    torch.library.opcheck(torch.ops.flce.ce_forward.default, (logits, y, cw, *OPTIONS, True))
+    torch.library.opcheck(
+        torch.ops.flce.ce_backward.default,
+        (
+            logits.detach(),
+            y,
+            cw,
+            torch.tensor(1.0, device=device),
+            torch.randn(9, device=device),
+            *OPTIONS,
+        ),
+    )
+    torch.library.opcheck(
+        torch.ops.flce.ce_forward_inplace.default,
+        (logits.detach().clone(), y, None, *OPTIONS, False),
+    )
+
+
+def test_plan_contents(device):
+    p = flce.plan(4096, 128256, 4096, torch.bfloat16, device)
+    assert set(p) == set(_ops.PLAN_FIELDS)
+    assert p["strategy"] in ("grad_in_forward", "recompute")
+    assert 0 < p["forward_workspace_bytes"] <= flce.DEFAULT_MEMORY_BUDGET
+    small = flce.plan(4096, 128256, 4096, torch.bfloat16, device, memory_budget=256 << 20)
+    assert max(small["forward_workspace_bytes"], small["backward_workspace_bytes"]) <= 256 << 20
+    forced = flce.plan(100, 1000, 64, torch.float32, device, strategy="recompute")
+    assert forced["strategy"] == "recompute"
+    lse = flce.plan(100, 1000, 64, torch.float32, device, needs_grad_lse=True)
+    assert lse["strategy"] == "recompute"
+    assert flce.DEFAULT_MEMORY_BUDGET == 4 << 30
+    assert isinstance(flce.cuda_available(), bool)
+
+
+# -- errors: every message names the argument ------------------------------------------------
+
+
+@pytest.fixture
+def inputs(device):
+    x, w, b = make_inputs((4, 7), 30, 8, device, bias=True)
+    return x, w, b, random_labels((4, 7), 30, device)
+
+
+def test_shape_errors(inputs):
+    x, w, b, y = inputs
+    with pytest.raises(
+        ValueError,
+        match=r"target: expected shape \[4, 7\] \(x.shape\[:-1\]\), "
+        r"got \[4, 8\]",
+    ):
+        flce.linear_cross_entropy(x, w, torch.zeros(4, 8, dtype=torch.long, device=x.device))
+    with pytest.raises(ValueError, match=r"weight: expected shape \[V, 8\]"):
+        flce.linear_cross_entropy(x, w[:, :5], y)
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        flce.linear_cross_entropy(x, w, y, b[:3])
+    with pytest.raises(ValueError, match="class_weight: expected shape"):
+        flce.linear_cross_entropy(x, w, y, class_weight=torch.ones(5, device=x.device))
+    with pytest.raises(ValueError, match="logits: expected a tensor"):
+        flce.cross_entropy(torch.tensor(1.0), torch.tensor(0))
+
+
+def test_dtype_errors(inputs):
+    x, w, b, y = inputs
+    with pytest.raises(TypeError, match="target: expected dtype int64 or int32"):
+        flce.linear_cross_entropy(x, w, y.float())
+    with pytest.raises(TypeError, match="weight: expected dtype torch.bfloat16"):
+        flce.linear_cross_entropy(x.bfloat16(), w, y)
+    with pytest.raises(TypeError, match="bias: expected dtype"):
+        flce.linear_cross_entropy(x, w, y, b.half())
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        flce.linear_cross_entropy(x.int(), w.int(), y)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        flce.linear_cross_entropy(x.tolist(), w, y)
+
+
+def test_device_errors(inputs):
+    x, w, _b, y = inputs
+    with pytest.raises(ValueError, match="weight: expected device"):
+        flce.linear_cross_entropy(x, w.to("meta"), y)
+    with pytest.raises(ValueError, match="target: expected device"):
+        flce.linear_cross_entropy(x, w, y.to("meta"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"reduction": "avg"}, "reduction: expected one of"),
+        ({"strategy": "fast"}, "strategy: expected one of"),
+        ({"label_smoothing": 1.5}, "label_smoothing: expected a number <= 1"),
+        ({"label_smoothing": float("nan")}, "label_smoothing: expected a finite number"),
+        ({"z_loss": -1.0}, "z_loss: expected a number >= 0"),
+        ({"z_loss": float("inf")}, "z_loss: expected a finite number"),
+        ({"softcap": 0.0}, "softcap: expected a number > 0"),
+        ({"logit_scale": float("nan")}, "logit_scale: expected a finite number"),
+        ({"shift": -1}, "shift: expected a bool or a non-negative int"),
+        ({"memory_budget": 0}, "memory_budget: expected a positive number"),
+        ({"memory_budget": 1000}, "memory_budget of .* is too small"),
+    ],
+)
+def test_option_errors(inputs, kwargs, match):
+    x, w, _, y = inputs
+    with pytest.raises(ValueError, match=match):
+        flce.linear_cross_entropy(x, w, y, **kwargs)
+
+
+def test_type_option_errors(inputs):
+    x, w, _, y = inputs
+    with pytest.raises(TypeError, match="ignore_index: expected an int"):
+        flce.linear_cross_entropy(x, w, y, ignore_index=1.5)
+    with pytest.raises(TypeError, match="shift: expected a bool"):
+        flce.linear_cross_entropy(x, w, y, shift=1.0)
+    with pytest.raises(TypeError, match="memory_budget: expected an int"):
+        flce.linear_cross_entropy(x, w, y, memory_budget="4GB")
+
+
+def test_forced_grad_in_forward_needs_reduction(inputs):
+    x, w, _, y = inputs
+    with pytest.raises(ValueError, match="grad_in_forward needs reduction mean or sum"):
+        flce.linear_cross_entropy(
+            x.requires_grad_(True), w, y, reduction="none", strategy="grad_in_forward"
+        )
+
+
+def test_label_out_of_range(inputs):
+    x, w, _, y = inputs
+    bad = y.clone()
+    bad[1, 2] = 30
+    with pytest.raises(ValueError, match="out of range"):
+        flce.linear_cross_entropy(x, w, bad)
+    bad[1, 2] = -5
+    with pytest.raises(ValueError, match="out of range"):
+        flce.cross_entropy(torch.randn(4, 7, 30, device=x.device), bad)
+
+
+def test_raw_op_errors(device):
+    x = torch.randn(5, 8, device=device)
+    w = torch.randn(11, 8, device=device)
+    y = torch.zeros(6, dtype=torch.long, device=device)
+    plan = plan_list(5, 11, 8, torch.float32, device, "recompute")
+    with pytest.raises(ValueError, match=r"target: expected shape \[5\]"):
+        torch.ops.flce.lce_forward(x, w, None, y, None, *OPTIONS, plan, False, False, False, False)
+    with pytest.raises(ValueError, match="plan: expected 8 integers"):
+        torch.ops.flce.lce_forward(
+            x, w, None, y[:5], None, *OPTIONS, [1, 2], False, False, False, False
+        )
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        torch.ops.flce.lce_forward(
+            x.double(), w.double(), None, y[:5], None, *OPTIONS, plan, False, False, False, False
+        )
