@@ -29,14 +29,14 @@ import time
 # when the extension loads, so it is set before importing anything that loads it.
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 try:
-    import flce  # noqa: E402
+    import flce
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import flce  # noqa: E402
+    import flce
 
 IGNORE_INDEX = -100
 MiB = float(1 << 20)
@@ -90,15 +90,15 @@ def make_inputs(n: int, v: int, d: int, dtype: torch.dtype, seed: int):
     softmax (exactly, by Gumbel-max), 10% ignored."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen)
-    w = torch.randn(v, d, generator=gen) * (4.5 / d ** 0.5)
+    w = torch.randn(v, d, generator=gen) * (4.5 / d**0.5)
     x, w = x.to(dtype), w.to(dtype)
     y = torch.empty(n, dtype=torch.long)
     step = max(1, (256 << 20) // (v * 4))
     for s in range(0, n, step):
-        z = (x[s:s + step] @ w.T).float()
+        z = (x[s : s + step] @ w.T).float()
         u = torch.rand(z.shape, generator=gen).clamp_(min=1e-20)
-        y[s:s + step] = (z - torch.log(-torch.log(u))).argmax(1)
-    y[torch.randperm(n, generator=gen)[:int(round(0.1 * n))]] = IGNORE_INDEX
+        y[s : s + step] = (z - torch.log(-torch.log(u))).argmax(1)
+    y[torch.randperm(n, generator=gen)[: round(0.1 * n)]] = IGNORE_INDEX
     return x.requires_grad_(), w.requires_grad_(), y
 
 
@@ -123,11 +123,17 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--recompute-budget", type=int, default=None,
-                   help="memory_budget (bytes) for the recompute run; default flce's default")
+    p.add_argument(
+        "--recompute-budget",
+        type=int,
+        default=None,
+        help="memory_budget (bytes) for the recompute run; default flce's default",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                 "results", "cpu.md"))
+    p.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu.md"),
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if min(args.n, args.v, args.d) < 1 or args.iters < 1 or args.warmup < 0:
@@ -145,16 +151,20 @@ def main(argv=None) -> int:
         return F.cross_entropy((x @ w.T).float(), y, ignore_index=IGNORE_INDEX)
 
     def flce_loss(strategy, budget=None):
-        return lambda: flce.linear_cross_entropy(x, w, y, ignore_index=IGNORE_INDEX,
-                                                 strategy=strategy, memory_budget=budget)
+        return lambda: flce.linear_cross_entropy(
+            x, w, y, ignore_index=IGNORE_INDEX, strategy=strategy, memory_budget=budget
+        )
 
-    methods = [("torch", torch_loss, None),
-               ("flce grad_in_forward", flce_loss("grad_in_forward"), "grad_in_forward"),
-               ("flce recompute", flce_loss("recompute", args.recompute_budget), "recompute")]
+    methods = [
+        ("torch", torch_loss, None),
+        ("flce grad_in_forward", flce_loss("grad_in_forward"), "grad_in_forward"),
+        ("flce recompute", flce_loss("recompute", args.recompute_budget), "recompute"),
+    ]
     rows = []
     for name, loss_fn, strategy in methods:
         row = {"method": name}
         try:
+
             def step(loss_fn=loss_fn):
                 x.grad = w.grad = None
                 loss_fn().backward()
@@ -167,27 +177,38 @@ def main(argv=None) -> int:
                 step()
                 times.append(time.perf_counter() - t0)
             row["ms"] = statistics.median(times) * 1e3
-            row["rss"] = peak_rss_growth(step)
+            # Gradients freed before the baseline is read, so that the growth includes them.
+            x.grad = w.grad = None
+            row["rss"] = peak_rss_growth(lambda loss_fn=loss_fn: loss_fn().backward())
             if ref is not None:
                 x.grad = w.grad = None
                 loss = loss_fn()
                 loss.backward()
-                row["errs"] = (abs(float(loss.detach()) - ref[0]) / abs(ref[0]),
-                               rel(x.grad, ref[1]),
-                               rel(w.grad, ref[2]))
+                row["errs"] = (
+                    abs(float(loss.detach()) - ref[0]) / abs(ref[0]),
+                    rel(x.grad, ref[1]),
+                    rel(w.grad, ref[2]),
+                )
             if strategy:
                 budget = args.recompute_budget if strategy == "recompute" else None
                 plan = flce.plan(n, v, d, dtype, "cpu", memory_budget=budget, strategy=strategy)
-                row["plan"] = ", ".join(f"{k}={val}" for k, val in plan.items())
+                row["plan"] = ", ".join(
+                    f"{k} {val / MiB:.0f} MiB" if k.endswith("_bytes") else f"{k} {val}"
+                    for k, val in plan.items()
+                    if val
+                )
         except Exception as e:  # noqa: BLE001 - reported in the table, not hidden
             row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         x.grad = w.grad = None
         rows.append(row)
-        print(f"{name:<22} " + (f"{row['ms']:9.1f} ms" if "ms" in row else row.get("error", "")),
-              flush=True)
+        print(
+            f"{name:<22} " + (f"{row['ms']:9.1f} ms" if "ms" in row else row.get("error", "")),
+            flush=True,
+        )
 
     base = rows[0].get("ms")
     logits_bytes = n * v * 4
+    grads_bytes = (n + v) * d * x.element_size()
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -201,14 +222,20 @@ def main(argv=None) -> int:
         f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; {cpu}, "
         f"{threads} threads (torch.set_num_threads and OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS')}); torch {torch.__version__}."
-        + "".join(f" {k}={os.environ[k]}." for k in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS",
-                                                      "GOMP_SPINCOUNT") if k in os.environ),
+        + "".join(
+            f" {k}={os.environ[k]}."
+            for k in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "GOMP_SPINCOUNT")
+            if k in os.environ
+        ),
         "",
-        f"N={n}, V={v}, D={d}, {args.dtype}, mean reduction, 10% of labels ignored, LM-like "
-        f"data. Forward+backward time: median of {args.iters} runs after {args.warmup} warm-up "
-        "run(s). Peak memory: growth of the peak resident set during one forward+backward "
-        f"(torch's logits alone are N*V*4 = {logits_bytes / MiB:.0f} MiB). Errors against a "
-        "float64 reference.",
+        (
+            f"N={n}, V={v}, D={d}, {args.dtype}, mean reduction, 10% of labels ignored, LM-like "
+            f"data. Forward+backward time: median of {args.iters} runs after {args.warmup} "
+            "warm-up run(s). Peak memory: growth of the peak resident set during one "
+            f"forward+backward, gradients included ((N + V) * D * {x.element_size()} = "
+            f"{grads_bytes / MiB:.0f} MiB; torch's fp32 logits alone are N*V*4 = "
+            f"{logits_bytes / MiB:.0f} MiB). Errors against a float64 reference."
+        ),
         "",
         "| method | fwd+bwd ms | ratio to torch | peak RSS growth | loss err | dx err | dW err |",
         "|---|---|---|---|---|---|---|",
@@ -218,16 +245,24 @@ def main(argv=None) -> int:
             lines.append(f"| {r['method']} | failed: {r['error']} | | | | | |")
             continue
         ratio = f"{r['ms'] / base:.2f}" if base else "-"
-        rss = f"{r['rss'] / MiB:.0f} MiB" if r.get("rss") is not None else \
-            f"n/a (logits would be {logits_bytes / MiB:.0f} MiB, computed)"
+        rss = (
+            f"{r['rss'] / MiB:.0f} MiB"
+            if r.get("rss") is not None
+            else f"n/a (logits would be {logits_bytes / MiB:.0f} MiB, computed)"
+        )
         errs = r.get("errs")
         err_cells = " | ".join(f"{e:.1e}" for e in errs) if errs else "- | - | -"
         lines.append(f"| {r['method']} | {r['ms']:.1f} | {ratio} | {rss} | {err_cells} |")
     plans = [f"- {r['method']}: {r['plan']}" for r in rows if r.get("plan")]
     if plans:
         lines += ["", "flce plans:", ""] + plans
-    lines += ["", "Command: `python bench/cpu_bench.py " + " ".join(sys.argv[1:] if argv is None
-                                                                   else argv) + "`", ""]
+    lines += [
+        "",
+        "Command: `"
+        + " ".join(["python bench/cpu_bench.py", *(sys.argv[1:] if argv is None else argv)])
+        + "`",
+        "",
+    ]
     text = "\n".join(lines)
     print()
     print(text)

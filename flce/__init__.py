@@ -15,6 +15,16 @@ from .functional import (
 )
 from .modules import CrossEntropyLoss, LinearCrossEntropy, LinearCrossEntropyLoss
 
+
+
+def patch(model, **options):
+    """Makes a Hugging Face causal LM compute its training loss with flce (see
+    flce.integrations.transformers.patch). Imported lazily so flce does not need transformers."""
+    from .integrations.transformers import patch as _patch
+
+    return _patch(model, **options)
+
+
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "CrossEntropyLoss",
@@ -23,5 +33,6 @@ __all__ = [
     "cross_entropy",
     "cuda_available",
     "linear_cross_entropy",
+    "patch",
     "plan",
 ]

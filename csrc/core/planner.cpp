@@ -1,6 +1,6 @@
 // Strategy and chunk choice: the one place where speed-versus-memory heuristics live.
 #include <algorithm>
-#include <sstream>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -18,9 +18,11 @@ using detail::forward_layout;
 // Logits blocks beyond this many rows gain nothing: the GEMMs are already large, and the fp32
 // block (rows * V * 4 bytes) would only grow.
 constexpr int64_t kMaxTokenChunk = 4096;
-// Below this the GEMMs of a token chunk lose efficiency; used as the first choice's floor.
-constexpr int64_t kEfficientTokenChunk = 1024;
 constexpr int64_t kMaxVocabChunk = 16384;
+// A forward logits block of about this size is large enough for full-speed GEMMs (>= 512 rows at
+// V = 256k) while keeping the fp32 block within the 512 MiB the memory target allows beyond the
+// dZ store or the dW accumulator.
+constexpr size_t kTargetLogitsBlockBytes = size_t(512) << 20;
 // Smallest blocks the planner will ever propose (clamped to N and V).
 constexpr int64_t kMinChunk = 16;
 
@@ -32,6 +34,12 @@ size_t backward_bytes(const Problem& p, const Plan& plan, const BackendTraits& t
 }
 size_t plan_bytes(const Problem& p, const Plan& plan, const BackendTraits& t) {
   return std::max(forward_bytes(p, plan, t), backward_bytes(p, plan, t));
+}
+
+// Rows of a forward logits block [rows, V] of about kTargetLogitsBlockBytes, a multiple of 128.
+int64_t target_block_rows(int64_t vocab_size) {
+  const int64_t rows = static_cast<int64_t>(kTargetLogitsBlockBytes / (sizeof(float) * vocab_size));
+  return std::clamp<int64_t>(rows / 128 * 128, 256, kMaxTokenChunk);
 }
 
 // Candidate sizes from `hi` down to `lo`, halving, each clamped to `limit`.
@@ -46,11 +54,12 @@ std::vector<int64_t> descending(int64_t hi, int64_t lo, int64_t limit) {
   return out;
 }
 
+// snprintf rather than iostreams: no locale machinery in the core's error path.
 std::string gib(size_t bytes) {
-  std::ostringstream s;
-  s.precision(3);
-  s << static_cast<double>(bytes) / double(1 << 20) << " MiB (" << bytes << " bytes)";
-  return s.str();
+  char text[96];
+  std::snprintf(text, sizeof(text), "%.3g MiB (%zu bytes)", static_cast<double>(bytes) / (1 << 20),
+                bytes);
+  return text;
 }
 
 // Grad-in-forward plans in order of preference.
@@ -61,7 +70,7 @@ std::vector<Plan> grad_in_forward_candidates(const Problem& p) {
   plan.strategy = Strategy::kGradInForward;
   // First choice: keep dZ of all tokens so dW is one GEMM written straight to the output (no
   // fp32 accumulator and no per-chunk read-modify-write of V x D).
-  for (int64_t c : descending(kMaxTokenChunk, std::min(n, kEfficientTokenChunk), n)) {
+  for (int64_t c : descending(target_block_rows(p.vocab_size), std::min<int64_t>(n, 256), n)) {
     plan.forward_token_chunk = c;
     plan.dw_group_tokens = n;
     out.push_back(plan);
@@ -89,7 +98,7 @@ bool try_grad_in_forward(const Problem& p, size_t budget, const BackendTraits& t
 // Candidate chunks of the recompute strategy, largest first.
 std::vector<int64_t> forward_chunks(const Problem& p) {
   const int64_t n = std::max<int64_t>(p.num_tokens, 1);
-  return descending(kMaxTokenChunk, std::min(n, kMinChunk), n);
+  return descending(target_block_rows(p.vocab_size), std::min(n, kMinChunk), n);
 }
 std::vector<int64_t> backward_token_chunks(const Problem& p) {
   const int64_t n = std::max<int64_t>(p.num_tokens, 1);

@@ -10,4 +10,4 @@ from .cli import main
 from .data import KINDS, SHAPES, Shape, make_inputs
 from .reference import reference
 
-__all__ = ["main", "KINDS", "SHAPES", "Shape", "make_inputs", "reference"]
+__all__ = ["KINDS", "SHAPES", "Shape", "main", "make_inputs", "reference"]

@@ -48,7 +48,7 @@ def prepare_anchors(wheel_dir: str | None, unpack_dir: str) -> list[str]:
         if importlib.util.find_spec(module) is not None:
             notes.append(f"{module}: using the installed package")
             continue
-        target = os.path.join(unpack_dir, os.path.basename(path)[:-len(".whl")])
+        target = os.path.join(unpack_dir, os.path.basename(path)[: -len(".whl")])
         if not os.path.isdir(os.path.join(target, module)):
             os.makedirs(target, exist_ok=True)
             with zipfile.ZipFile(path) as z:

@@ -34,46 +34,100 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m flce.bench",
         description="Fused linear cross-entropy benchmark: flce against the GEMM floor, PyTorch "
-        "(eager and torch.compile), Cut Cross-Entropy and Liger, with a float64 reference.")
-    p.add_argument("--quick", action="store_true",
-                   help=f"one shape ({QUICK_SHAPE}), lm data, no scaling study")
-    p.add_argument("--shapes", type=_csv, default=None,
-                   help=f"comma list from {', '.join(SHAPES)} (default: all)")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME:N:V:D",
-                   help="an extra shape outside the table (repeatable)")
-    p.add_argument("--methods", type=_csv, default=None,
-                   help=f"comma list from {', '.join(METHODS)} (default: all)")
-    p.add_argument("--kinds", type=_csv, default=None,
-                   help=f"comma list from {', '.join(KINDS)}; default: lm for every shape, plus "
-                   f"flat and cce at {', '.join(DEFAULT_EXTRA_KIND_SHAPES)}")
+        "(eager and torch.compile), Cut Cross-Entropy and Liger, with a float64 reference.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help=f"one shape ({QUICK_SHAPE}), lm data, no scaling study"
+    )
+    p.add_argument(
+        "--shapes",
+        type=_csv,
+        default=None,
+        help=f"comma list from {', '.join(SHAPES)} (default: all)",
+    )
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NAME:N:V:D",
+        help="an extra shape outside the table (repeatable)",
+    )
+    p.add_argument(
+        "--methods",
+        type=_csv,
+        default=None,
+        help=f"comma list from {', '.join(METHODS)} (default: all)",
+    )
+    p.add_argument(
+        "--kinds",
+        type=_csv,
+        default=None,
+        help=f"comma list from {', '.join(KINDS)}; default: lm for every shape, plus "
+        f"flat and cce at {', '.join(DEFAULT_EXTRA_KIND_SHAPES)}",
+    )
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke tests only)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="untimed fwd+bwd runs before the measurements (compilation, autotuning)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed fwd+bwd runs before the measurements (compilation, autotuning)",
+    )
     p.add_argument("--iters", type=int, default=7, help="timed runs per measurement (median)")
-    p.add_argument("--softcap", type=float, default=None,
-                   help="apply softcap (e.g. 30 for Gemma-2) in every method and the reference")
-    p.add_argument("--recompute-budget", type=int, default=DEFAULT_RECOMPUTE_BUDGET,
-                   help="memory_budget in bytes for flce_recompute (default 256 MiB)")
-    p.add_argument("--no-forward-only", action="store_true",
-                   help="skip the torch.no_grad forward measurements")
-    p.add_argument("--scaling-n", type=_csv, default=None,
-                   help="token counts of the scaling study (default 1024..65536; 'none' skips)")
+    p.add_argument(
+        "--softcap",
+        type=float,
+        default=None,
+        help="apply softcap (e.g. 30 for Gemma-2) in every method and the reference",
+    )
+    p.add_argument(
+        "--recompute-budget",
+        type=int,
+        default=DEFAULT_RECOMPUTE_BUDGET,
+        help="memory_budget in bytes for flce_recompute (default 256 MiB)",
+    )
+    p.add_argument(
+        "--no-forward-only", action="store_true", help="skip the torch.no_grad forward measurements"
+    )
+    p.add_argument(
+        "--scaling-n",
+        type=_csv,
+        default=None,
+        help="token counts of the scaling study (default 1024..65536; 'none' skips)",
+    )
     p.add_argument("--scaling-v", type=int, default=SHAPES["llama3"].vocab_size)
     p.add_argument("--scaling-d", type=int, default=SHAPES["llama3"].hidden_size)
     p.add_argument("--scaling-methods", type=_csv, default=list(SCALING_METHODS))
     p.add_argument("--scaling-iters", type=int, default=3)
-    p.add_argument("--out", default=os.path.join("bench", "results"),
-                   help="output folder (default bench/results)")
-    p.add_argument("--tag", default=None,
-                   help="suffix of the output names; default 'quick' with --quick, 'partial' "
-                   "when shapes/methods/kinds are filtered, none for the full run")
-    p.add_argument("--anchor-wheels", default=None,
-                   help="folder of anchor wheels to unpack when the anchors are not installed "
-                   "(default: .whl at the repository root)")
-    p.add_argument("--append", action="store_true",
-                   help="merge into the existing <out>/<gpu>[-tag].json: keep its results for the "
-                   "cases not measured now (to split a full run over several commands)")
+    p.add_argument(
+        "--out",
+        default=os.path.join("bench", "results"),
+        help="output folder (default bench/results)",
+    )
+    p.add_argument(
+        "--tag",
+        default=None,
+        help="suffix of the output names; default 'quick' with --quick, 'partial' "
+        "when shapes/methods/kinds are filtered, none for the full run",
+    )
+    p.add_argument(
+        "--anchor-wheels",
+        default=None,
+        help="folder of anchor wheels to unpack when the anchors are not installed "
+        "(default: .whl at the repository root)",
+    )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into the existing <out>/<gpu>[-tag].json: keep its results for the "
+        "cases not measured now (to split a full run over several commands)",
+    )
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--replot",
+        metavar="JSON",
+        default=None,
+        help="only rewrite the markdown and the plots of an earlier run from its JSON (no device)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name in args.methods or []:
@@ -112,24 +166,37 @@ def _repo_root() -> str:
 
 def _git_revision(root: str) -> str | None:
     try:
-        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def collect_meta(args, device: torch.device) -> dict:
+def collect_meta(args, device: torch.device, argv: list[str]) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         gpu = torch.cuda.get_device_name(device)
-        hw = {"sm_count": props.multi_processor_count,
-              "memory_bytes": props.total_memory,
-              "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+        hw = {
+            "sm_count": props.multi_processor_count,
+            "memory_bytes": props.total_memory,
+            "capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+        }
     else:
         gpu, hw = f"CPU ({platform.processor() or platform.machine()})", {}
     versions = {"torch": torch.__version__}
@@ -138,14 +205,22 @@ def collect_meta(args, device: torch.device) -> dict:
     rev = _git_revision(_repo_root())
     if rev:
         versions["flce"] += f" (git {rev})"
-    return {"gpu": gpu, "gpu_slug": gpu_slug(gpu) if device.type == "cuda" else "cpu",
-            "hardware": hw, "versions": versions,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python -m flce.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            "timer": "CUDA events" if device.type == "cuda" else "wall clock (CPU)",
-            "warmup": args.warmup, "iters": args.iters, "softcap": args.softcap,
-            "recompute_budget": args.recompute_budget, "dtype": "bfloat16",
-            "reduction": "mean", "ignored_fraction": 0.1}
+    return {
+        "gpu": gpu,
+        "gpu_slug": gpu_slug(gpu) if device.type == "cuda" else "cpu",
+        "hardware": hw,
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m flce.bench " + " ".join(shlex.quote(a) for a in argv),
+        "timer": "CUDA events" if device.type == "cuda" else "wall clock (CPU)",
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "softcap": args.softcap,
+        "recompute_budget": args.recompute_budget,
+        "dtype": "bfloat16",
+        "reduction": "mean",
+        "ignored_fraction": 0.1,
+    }
 
 
 def plan_cases(args) -> list[tuple]:
@@ -165,12 +240,28 @@ def plan_cases(args) -> list[tuple]:
     return cases
 
 
+def replot(path: str) -> int:
+    with open(path) as f:
+        run = json.load(f)
+    prefix = path.removesuffix(".json")
+    with open(prefix + ".md", "w") as f:
+        f.write(report.markdown(run["meta"], run["results"], run["scaling"]))
+    written = report.plots(prefix, run["results"], run["scaling"])
+    print(f"wrote {prefix}.md" + "".join(f", {w}" for w in written))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("python -m flce.bench: --device cuda but torch sees no CUDA device "
-              "(use --device cpu for a smoke test)", file=sys.stderr)
+        print(
+            "python -m flce.bench: --device cuda but torch sees no CUDA device "
+            "(use --device cpu for a smoke test)",
+            file=sys.stderr,
+        )
         return 2
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -178,28 +269,42 @@ def main(argv: list[str] | None = None) -> int:
     root = _repo_root()
     wheels = args.anchor_wheels or os.path.join(root, ".whl")
     # Unpacked anchors go to the (ignored) build folder of a source checkout, else a temp folder.
-    unpack = os.path.join(root, "build", "bench_anchors") if os.path.exists(
-        os.path.join(root, "setup.py")) else os.path.join(tempfile.gettempdir(), "flce_anchors")
+    unpack = (
+        os.path.join(root, "build", "bench_anchors")
+        if os.path.exists(os.path.join(root, "setup.py"))
+        else os.path.join(tempfile.gettempdir(), "flce_anchors")
+    )
     anchor_notes = anchors.prepare_anchors(wheels, unpack)
     methods = [m for m in METHODS if args.methods is None or m in args.methods]
     filtered = bool(args.shapes or args.methods or args.kinds or args.extra_shapes)
-    tag = args.tag if args.tag is not None else ("quick" if args.quick else
-                                                 "partial" if filtered else "")
+    tag = (
+        args.tag
+        if args.tag is not None
+        else ("quick" if args.quick else "partial" if filtered else "")
+    )
     if args.scaling_n is None:
         ns = [] if args.quick else list(DEFAULT_SCALING_N)
     else:
         ns = [] if args.scaling_n == ["none"] else [int(n) for n in args.scaling_n]
-    settings = Settings(device=device, warmup=args.warmup, iters=args.iters,
-                        forward_only=not args.no_forward_only, softcap=args.softcap,
-                        recompute_budget=args.recompute_budget, scaling_iters=args.scaling_iters,
-                        seed=args.seed)
-    meta = collect_meta(args, device)
+    settings = Settings(
+        device=device,
+        warmup=args.warmup,
+        iters=args.iters,
+        forward_only=not args.no_forward_only,
+        softcap=args.softcap,
+        recompute_budget=args.recompute_budget,
+        scaling_iters=args.scaling_iters,
+        seed=args.seed,
+    )
+    meta = collect_meta(args, device, sys.argv[1:] if argv is None else argv)
     meta["anchors"] = anchor_notes
     os.makedirs(args.out, exist_ok=True)
     prefix = os.path.join(args.out, meta["gpu_slug"] + (f"-{tag}" if tag else ""))
     progress = Progress()
-    progress.line(f"flce benchmark on {meta['gpu']}: "
-                  + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    progress.line(
+        f"flce benchmark on {meta['gpu']}: "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    )
     for note in anchor_notes:
         progress.line(f"anchor {note}")
 
@@ -233,14 +338,21 @@ def main(argv: list[str] | None = None) -> int:
         rows += [{**r, **stamp} for r in run_case(shape, kind, methods, settings, progress)]
         save()
     if ns:
-        scaling = [{**r, **stamp} for r in run_scaling(ns, args.scaling_v, args.scaling_d,
-                                                       args.scaling_methods, settings, progress)]
+        scaling = [
+            {**r, **stamp}
+            for r in run_scaling(
+                ns, args.scaling_v, args.scaling_d, args.scaling_methods, settings, progress
+            )
+        ]
         save()
     save()
     rows, scaling = merged()
     print()
     print(report.markdown(meta, rows, scaling))
     written = [] if args.no_plots else report.plots(prefix, rows, scaling)
-    progress.line(f"wrote {prefix}.md, {prefix}.json" + "".join(f", {w}" for w in written)
-                  + ("" if written or args.no_plots else " (no plots: matplotlib missing)"))
+    progress.line(
+        f"wrote {prefix}.md, {prefix}.json"
+        + "".join(f", {w}" for w in written)
+        + ("" if written or args.no_plots else " (no plots: matplotlib missing)")
+    )
     return 0

@@ -71,17 +71,22 @@ def _sample_from_logits(x: torch.Tensor, w: torch.Tensor, gen: torch.Generator) 
     labels = torch.empty(n, dtype=torch.long, device=x.device)
     step = _rows_per_chunk(v, 4, 512 << 20)
     for s in range(0, n, step):
-        z = (x[s:s + step] @ w.T).float()
+        z = (x[s : s + step] @ w.T).float()
         u = torch.rand(z.shape, generator=gen, device=z.device, dtype=torch.float32)
         # -log(-log(u)) is the Gumbel noise; clamp keeps log finite at u = 0.
         z -= torch.log(-torch.log(u.clamp_(min=1e-20)))
-        labels[s:s + step] = z.argmax(dim=1)
+        labels[s : s + step] = z.argmax(dim=1)
         del z, u
     return labels
 
 
-def make_inputs(shape: Shape, kind: str, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_inputs(
+    shape: Shape,
+    kind: str,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [N, D], W [V, D] (dtype, requires_grad) and labels [N] int64, 10% set to IGNORE_INDEX."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
@@ -95,15 +100,15 @@ def make_inputs(shape: Shape, kind: str, device: torch.device, dtype: torch.dtyp
     elif kind == "flat":
         w *= 1.0 / math.sqrt(d)
     else:
-        x *= d ** -0.25
-        w *= d ** -0.25
-        w[:min(n, v)] = x[:min(n, v)]
+        x *= d**-0.25
+        w *= d**-0.25
+        w[: min(n, v)] = x[: min(n, v)]
     x, w = x.to(dtype), w.to(dtype)
     if kind == "lm":
         labels = _sample_from_logits(x, w, gen)
     else:
         labels = torch.randint(0, v, (n,), generator=gen, device=device)
     # Exactly 10% ignored, at random positions (not a block: a block would favour some chunks).
-    ignored = torch.randperm(n, generator=gen, device=device)[:int(round(n * IGNORED_FRACTION))]
+    ignored = torch.randperm(n, generator=gen, device=device)[: round(n * IGNORED_FRACTION)]
     labels[ignored] = IGNORE_INDEX
     return x.requires_grad_(), w.requires_grad_(), labels

@@ -25,13 +25,19 @@ def free_memory(device: torch.device, collect: bool = True) -> None:
         torch.cuda.empty_cache()
 
 
-def time_runs(fn: Callable[[], object], device: torch.device, iters: int,
-              before: Callable[[], None] | None = None) -> float:
+def time_runs(
+    fn: Callable[[], object],
+    device: torch.device,
+    iters: int,
+    before: Callable[[], None] | None = None,
+) -> float:
     """Median milliseconds of `iters` calls of fn; `before` runs outside the timed region."""
     times = []
     if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(iters)]
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(iters)
+        ]
         for start, end in events:
             if before is not None:
                 before()

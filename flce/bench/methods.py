@@ -7,6 +7,7 @@ Every method is built once per (shape, kind) into `fn(x, w, labels) -> loss` (a 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 from collections.abc import Callable
 
@@ -45,15 +46,17 @@ def _apply_softcap(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
 
 
 def _torch_ce(x, w, labels, softcap=None):
-    return F.cross_entropy(_apply_softcap((x @ w.T).float(), softcap), labels,
-                           ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        _apply_softcap((x @ w.T).float(), softcap), labels, ignore_index=IGNORE_INDEX
+    )
 
 
 def _torch_ce_dynamic(x, w, labels, softcap=None):
     # A separate code object from _torch_ce so that its dynamic-shape compilation (the scaling
     # study) and the static one per benchmark shape never share a dynamo cache entry.
-    return F.cross_entropy(_apply_softcap((x @ w.T).float(), softcap), labels,
-                           ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        _apply_softcap((x @ w.T).float(), softcap), labels, ignore_index=IGNORE_INDEX
+    )
 
 
 _compiled: dict[str, Callable] = {}
@@ -96,9 +99,16 @@ def _flce_builder(strategy: str, budget_attr: str | None):
         budget = getattr(opts, budget_attr) if budget_attr else None
 
         def fn(x, w, y):
-            return flce.linear_cross_entropy(x, w, y, ignore_index=IGNORE_INDEX, reduction="mean",
-                                             softcap=opts.softcap, memory_budget=budget,
-                                             strategy=strategy)
+            return flce.linear_cross_entropy(
+                x,
+                w,
+                y,
+                ignore_index=IGNORE_INDEX,
+                reduction="mean",
+                softcap=opts.softcap,
+                memory_budget=budget,
+                strategy=strategy,
+            )
 
         return fn
 
@@ -110,10 +120,19 @@ def flce_plan(shape, dtype, device, strategy: str, budget: int | None) -> dict |
     try:
         import flce
 
-        plan = flce.plan(shape.num_tokens, shape.vocab_size, shape.hidden_size, dtype, device,
-                         memory_budget=budget, strategy=strategy)
-        return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
-                for k, v in dict(plan).items()}
+        plan = flce.plan(
+            shape.num_tokens,
+            shape.vocab_size,
+            shape.hidden_size,
+            dtype,
+            device,
+            memory_budget=budget,
+            strategy=strategy,
+        )
+        return {
+            k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+            for k, v in dict(plan).items()
+        }
     except Exception:  # noqa: BLE001 - the plan is informative only
         return None
 
@@ -123,20 +142,25 @@ def _require_cuda(opts: Options, what: str) -> None:
         raise Unavailable(f"{what} runs on CUDA only")
 
 
-def _import_cce():
+def _import_anchor(module: str):
+    """The anchor's module. Not installed: the method is skipped. Installed but broken (a
+    torch or triton it does not support): the method fails with the import error."""
     try:
-        import cut_cross_entropy
-    except Exception as e:  # noqa: BLE001 - any import failure makes the anchor unavailable
-        raise Unavailable(f"cut_cross_entropy not importable: {type(e).__name__}: {e}") from None
-    return cut_cross_entropy
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module.split(".")[0]:
+            raise RuntimeError(f"import {module}: {e}") from None
+        raise Unavailable(f"{module.split('.')[0]} is not installed") from None
+    except Exception as e:  # noqa: BLE001 - reported as the method's failure
+        raise RuntimeError(f"import {module}: {type(e).__name__}: {e}") from None
 
 
 def _cce_builder(exact: bool):
     def build(opts: Options, notes: dict) -> LossFn:
         _require_cuda(opts, "Cut Cross-Entropy")
-        cce = _import_cce()
+        cce = _import_anchor("cut_cross_entropy")
         lce = cce.linear_cross_entropy
-        kwargs = dict(ignore_index=IGNORE_INDEX, softcap=opts.softcap, reduction="mean")
+        kwargs = {"ignore_index": IGNORE_INDEX, "softcap": opts.softcap, "reduction": "mean"}
         impls = {m.name.lower() for m in getattr(cce, "LinearCrossEntropyImpl", [])}
         if not exact:
             kwargs["impl"] = "cce"
@@ -146,8 +170,9 @@ def _cce_builder(exact: bool):
             # Releases before the presets (PyPI 25.1.1) spell "no gradient filtering" as
             # filter_eps=None; they have no fp32 (Kahan) accumulation, so say which one ran.
             if "filter_eps" not in inspect.signature(lce).parameters:
-                raise Unavailable("this cut_cross_entropy has neither impl='cce_exact' nor "
-                                  "filter_eps")
+                raise Unavailable(
+                    "this cut_cross_entropy has neither impl='cce_exact' nor filter_eps"
+                )
             kwargs.update(impl="cce", filter_eps=None)
             notes["variant"] = "impl='cce', filter_eps=None (this release has no cce_exact)"
         return lambda x, w, y: lce(x, w, y, **kwargs)
@@ -157,12 +182,10 @@ def _cce_builder(exact: bool):
 
 def _build_liger(opts: Options, notes: dict) -> LossFn:
     _require_cuda(opts, "Liger-Kernel")
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except Exception as e:  # noqa: BLE001
-        raise Unavailable(f"liger_kernel not importable: {type(e).__name__}: {e}") from None
-    module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean",
-                                              softcap=opts.softcap)
+    liger = _import_anchor("liger_kernel.transformers")
+    module = liger.LigerFusedLinearCrossEntropyLoss(
+        ignore_index=IGNORE_INDEX, reduction="mean", softcap=opts.softcap
+    )
     # Liger takes the weight first.
     return lambda x, w, y: module(w, x, y)
 
@@ -171,24 +194,43 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("floor", "3 bf16 matmuls into preallocated outputs: Z=xW^T, dx=ZW, dW=Z^T x", None),
-        Method("torch_compile", "torch.compile(F.cross_entropy((x @ W.T).float(), y))",
-               _build_torch_compile),
+        Method(
+            "torch_compile",
+            "torch.compile(F.cross_entropy((x @ W.T).float(), y))",
+            _build_torch_compile,
+        ),
         Method("torch", "F.cross_entropy((x @ W.T).float(), y), eager", _build_torch),
-        Method("flce_gif", "flce, strategy='grad_in_forward', default memory budget",
-               _flce_builder("grad_in_forward", None)),
-        Method("flce_recompute", "flce, strategy='recompute', small memory budget",
-               _flce_builder("recompute", "recompute_budget")),
-        Method("flce_auto", "flce, strategy='auto', default memory budget",
-               _flce_builder("auto", None)),
-        Method("cce", "cut_cross_entropy.linear_cross_entropy(impl='cce') (gradient filtering)",
-               _cce_builder(exact=False)),
-        Method("cce_exact", "cut_cross_entropy.linear_cross_entropy(impl='cce_exact')",
-               _cce_builder(exact=True)),
-        Method("liger", "liger_kernel LigerFusedLinearCrossEntropyLoss (default options)",
-               _build_liger),
+        Method(
+            "flce_gif",
+            "flce, strategy='grad_in_forward', default memory budget",
+            _flce_builder("grad_in_forward", None),
+        ),
+        Method(
+            "flce_recompute",
+            "flce, strategy='recompute', small memory budget",
+            _flce_builder("recompute", "recompute_budget"),
+        ),
+        Method(
+            "flce_auto", "flce, strategy='auto', default memory budget", _flce_builder("auto", None)
+        ),
+        Method(
+            "cce",
+            "cut_cross_entropy.linear_cross_entropy(impl='cce') (gradient filtering)",
+            _cce_builder(exact=False),
+        ),
+        Method(
+            "cce_exact",
+            "cut_cross_entropy.linear_cross_entropy(impl='cce_exact')",
+            _cce_builder(exact=True),
+        ),
+        Method(
+            "liger", "liger_kernel LigerFusedLinearCrossEntropyLoss (default options)", _build_liger
+        ),
     )
 }
 
-FLCE_METHODS = {"flce_gif": ("grad_in_forward", None),
-                "flce_recompute": ("recompute", "recompute_budget"),
-                "flce_auto": ("auto", None)}
+FLCE_METHODS = {
+    "flce_gif": ("grad_in_forward", None),
+    "flce_recompute": ("recompute", "recompute_budget"),
+    "flce_auto": ("auto", None),
+}

@@ -21,8 +21,13 @@ class Reference:
     valid_tokens: int
 
 
-def reference(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, softcap: float | None = None,
-              chunk_bytes: int = 1 << 30) -> Reference:
+def reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    softcap: float | None = None,
+    chunk_bytes: int = 1 << 30,
+) -> Reference:
     """Mean cross-entropy of (softcapped) x w^T and its gradients, in float64."""
     n, d = x.shape
     v = w.shape[0]
@@ -35,9 +40,9 @@ def reference(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, softcap: f
     scale = 1.0 / max(n_valid, 1)
     step = max(1, chunk_bytes // (v * 8))
     for s in range(0, n, step):
-        x64 = x.detach()[s:s + step].double()
-        y = labels[s:s + step]
-        ok = valid[s:s + step]
+        x64 = x.detach()[s : s + step].double()
+        y = labels[s : s + step]
+        ok = valid[s : s + step]
         z = x64 @ w64.T
         if softcap:
             t = torch.tanh(z / softcap)
@@ -53,7 +58,7 @@ def reference(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, softcap: f
         if softcap:
             g *= 1.0 - t * t
             del t
-        grad_x[s:s + step] = (g @ w64).float()
+        grad_x[s : s + step] = (g @ w64).float()
         grad_w64.addmm_(g.T, x64)
         del z, g, x64
     loss = float(loss_sum) * scale if n_valid else 0.0
@@ -69,7 +74,7 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor, chunk_rows: int = 16384
     num = torch.zeros((), dtype=torch.float64, device=ref.device)
     den = torch.zeros((), dtype=torch.float64, device=ref.device)
     for s in range(0, ref.shape[0], chunk_rows):
-        r = ref[s:s + chunk_rows].double()
-        num += (got[s:s + chunk_rows].double() - r).square().sum()
+        r = ref[s : s + chunk_rows].double()
+        num += (got[s : s + chunk_rows].double() - r).square().sum()
         den += r.square().sum()
     return float(num.sqrt() / den.sqrt()) if float(den) > 0 else float(num.sqrt())

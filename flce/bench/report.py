@@ -38,8 +38,11 @@ def _summary_cell(r: dict | None, what: str) -> str:
     if what == "time":
         if r["fwd_bwd_ms"] is None:
             return "-"
-        extra = f"{r['tflops']:.0f} TF/s" if r["method"] == "floor" and r["tflops"] else \
-            (f"{r['ratio_floor']:.2f}" if r["ratio_floor"] is not None else "")
+        extra = (
+            f"{r['tflops']:.0f} TF/s"
+            if r["method"] == "floor" and r["tflops"]
+            else (f"{r['ratio_floor']:.2f}" if r["ratio_floor"] is not None else "")
+        )
         return f"{r['fwd_bwd_ms']:.1f} ({extra})" if extra else f"{r['fwd_bwd_ms']:.1f}"
     if what == "memory":
         return fmt_bytes(r["extra_minus_grads_bytes"])
@@ -54,14 +57,17 @@ def markdown(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
         out += [f"Command: `{meta['command']}`", ""]
     out += [
         "Work: fused linear cross-entropy, bf16 x [N, D] and W [V, D], fp32 loss, mean reduction, "
-        "10% of labels ignored" + (f", softcap {meta['softcap']}" if meta.get("softcap") else "")
+        "10% of labels ignored"
+        + (f", softcap {meta['softcap']}" if meta.get("softcap") else "")
         + f". Times: median of {meta.get('iters', '?')} runs after {meta.get('warmup', '?')} "
         f"warm-up runs, {meta.get('timer', 'CUDA events')}. Memory: peak allocated during one "
         "fresh call minus what was allocated before; *beyond grads* subtracts the bf16 "
         "gradients (N + V) * D * 2 bytes. "
         "Errors: against a float64 reference, |loss - ref| / |ref| and ||g - g_ref|| / ||g_ref||. "
         "x floor / x compile: fwd+bwd time over the floor's (three bf16 matmuls) and "
-        "torch.compile's. TFLOP/s counts 6NVD.", ""]
+        "torch.compile's. TFLOP/s counts 6NVD.",
+        "",
+    ]
     methods = _methods(rows)
     kinds = []
     for _, k in _cases(rows):
@@ -69,26 +75,38 @@ def markdown(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
             kinds.append(k)
     for kind in kinds:
         cases = [c for c in _cases(rows) if c[1] == kind]
-        for what, title in (("time", "fwd+bwd ms (ratio to the floor)"),
-                            ("memory", "extra memory beyond the gradients"),
-                            ("dx", "relative error of dx")):
+        for what, title in (
+            ("time", "fwd+bwd ms (ratio to the floor)"),
+            ("memory", "extra memory beyond the gradients"),
+            ("dx", "relative error of dx"),
+        ):
             if what != "time" and all(m == "floor" for m in methods):
                 continue
             ms = [m for m in methods if not (m == "floor" and what == "dx")]
-            out += [f"## Summary, {kind} data: {title}", "",
-                    "| shape | " + " | ".join(ms) + " |", "|---" * (len(ms) + 1) + "|"]
+            out += [
+                f"## Summary, {kind} data: {title}",
+                "",
+                "| shape | " + " | ".join(ms) + " |",
+                "|---" * (len(ms) + 1) + "|",
+            ]
             for shape, _ in cases:
                 by = {r["method"]: r for r in rows if r["shape"] == shape and r["kind"] == kind}
-                out.append(f"| {shape} | " + " | ".join(_summary_cell(by.get(m), what)
-                                                        for m in ms) + " |")
+                out.append(
+                    f"| {shape} | " + " | ".join(_summary_cell(by.get(m), what) for m in ms) + " |"
+                )
             out.append("")
     for shape, kind in _cases(rows):
         case = [r for r in rows if r["shape"] == shape and r["kind"] == kind]
         r0 = case[0]
-        out += [f"## {shape}, {kind} data (N={r0['N']}, V={r0['V']}, D={r0['D']})", "",
+        out += [
+            f"## {shape}, {kind} data (N={r0['N']}, V={r0['V']}, D={r0['D']})",
+            "",
+            (
                 "| method | fwd ms | fwd+bwd ms | x floor | x compile | TFLOP/s | extra memory | "
-                "beyond grads | no_grad fwd ms | no_grad memory | loss err | dx err | dW err |",
-                "|---" * 13 + "|"]
+                "beyond grads | no_grad fwd ms | no_grad memory | loss err | dx err | dW err |"
+            ),
+            "|---" * 13 + "|",
+        ]
         for r in case:
             if r["status"] != "ok":
                 out.append(f"| {r['method']} | {r['status']}: {r['error']} |" + " |" * 11)
@@ -100,7 +118,8 @@ def markdown(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
                 f"{fmt_bytes(r['extra_bytes'])} | {fmt_bytes(r['extra_minus_grads_bytes'])} | "
                 f"{fmt_ms(r['fwd_only_ms'])} | {fmt_bytes(r['fwd_only_extra_bytes'])} | "
                 f"{fmt_err(r['loss_rel_err'])} | {fmt_err(r['dx_rel_err'])} | "
-                f"{fmt_err(r['dw_rel_err'])} |")
+                f"{fmt_err(r['dw_rel_err'])} |"
+            )
         out.append("")
     if scaling:
         v, d = scaling[0]["V"], scaling[0]["D"]
@@ -108,9 +127,14 @@ def markdown(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
         for r in scaling:
             if r["method"] not in sm:
                 sm.append(r["method"])
-        out += [f"## Memory and time as N grows (V={v}, D={d}, lm data)", "",
-                "fwd+bwd ms / extra memory beyond the gradients (OOM: out of device memory).", "",
-                "| N | " + " | ".join(sm) + " |", "|---" * (len(sm) + 1) + "|"]
+        out += [
+            f"## Memory and time as N grows (V={v}, D={d}, lm data)",
+            "",
+            "fwd+bwd ms / extra memory beyond the gradients (OOM: out of device memory).",
+            "",
+            "| N | " + " | ".join(sm) + " |",
+            "|---" * (len(sm) + 1) + "|",
+        ]
         for n in sorted({r["N"] for r in scaling}):
             cells = []
             for m in sm:
@@ -118,11 +142,13 @@ def markdown(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
                 if r is None:
                     cells.append("")
                 elif r["status"] != "ok":
-                    cells.append("OOM" if "OOM" in (r["error"] or "") else
-                                 f"{r['status']}: {r['error']}")
+                    cells.append(
+                        "OOM" if "OOM" in (r["error"] or "") else f"{r['status']}: {r['error']}"
+                    )
                 else:
-                    cells.append(f"{fmt_ms(r['fwd_bwd_ms'])} / "
-                                 f"{fmt_bytes(r['extra_minus_grads_bytes'])}")
+                    cells.append(
+                        f"{fmt_ms(r['fwd_bwd_ms'])} / {fmt_bytes(r['extra_minus_grads_bytes'])}"
+                    )
             out.append(f"| {n} | " + " | ".join(cells) + " |")
         out.append("")
     notes = []
@@ -131,16 +157,24 @@ def markdown(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
         if r["status"] == "failed":
             notes.append(f"- {r['shape']}/{r['kind']} {r['method']} failed: {r['error']}")
         elif note:
-            notes.append(f"- {r['shape']}/{r['kind']} {r['method']}: "
-                         + ", ".join(f"{k}={v}" for k, v in note.items()))
+            notes.append(
+                f"- {r['shape']}/{r['kind']} {r['method']}: "
+                + ", ".join(f"{k}={v}" for k, v in note.items())
+            )
     plans = {}
     for r in rows:
         if r.get("plan"):
             budget = r.get("memory_budget")
             plans[(r["shape"], r["method"])] = (
-                "memory_budget " + (fmt_bytes(budget) if budget else "default") + ": "
-                + ", ".join(f"{k} {fmt_bytes(v) if k.endswith('_bytes') else v}"
-                            for k, v in r["plan"].items() if v))
+                "memory_budget "
+                + (fmt_bytes(budget) if budget else "default")
+                + ": "
+                + ", ".join(
+                    f"{k} {fmt_bytes(v) if k.endswith('_bytes') else v}"
+                    for k, v in r["plan"].items()
+                    if v
+                )
+            )
     if plans:
         out += ["## flce plans", ""]
         out += [f"- {shape} {m}: {text}" for (shape, m), text in plans.items()] + [""]
@@ -172,8 +206,14 @@ def plots(prefix: str, rows: list[dict], scaling: list[dict]) -> list[str]:
     written = []
     markers = {"lm": "o", "flat": "s", "cce": "^"}
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        pts = [r for r in rows if r["shape"] == shape and r["status"] == "ok"
-               and r["fwd_bwd_ms"] is not None and r["extra_minus_grads_bytes"] is not None]
+        pts = [
+            r
+            for r in rows
+            if r["shape"] == shape
+            and r["status"] == "ok"
+            and r["fwd_bwd_ms"] is not None
+            and r["extra_minus_grads_bytes"] is not None
+        ]
         if not pts:
             continue
         fig, ax = plt.subplots(figsize=(7, 5))
@@ -181,10 +221,14 @@ def plots(prefix: str, rows: list[dict], scaling: list[dict]) -> list[str]:
         colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
         for r in pts:
             xv, yv = r["extra_minus_grads_bytes"] / GiB, r["fwd_bwd_ms"]
-            ax.scatter(xv, yv, color=colors[r["method"]], marker=markers.get(r["kind"], "o"),
-                       s=50)
-            ax.annotate(r["method"] + ("" if r["kind"] == "lm" else f" ({r['kind']})"),
-                        (xv, yv), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.scatter(xv, yv, color=colors[r["method"]], marker=markers.get(r["kind"], "o"), s=50)
+            ax.annotate(
+                r["method"] + ("" if r["kind"] == "lm" else f" ({r['kind']})"),
+                (xv, yv),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
+            )
         r0 = pts[0]
         ax.set_title(f"{shape} (N={r0['N']}, V={r0['V']}, D={r0['D']}): fwd+bwd time vs memory")
         ax.set_xlabel("peak extra memory beyond the gradients (GiB)")
@@ -202,14 +246,26 @@ def plots(prefix: str, rows: list[dict], scaling: list[dict]) -> list[str]:
             ok = [r for r in scaling if r["method"] == m and r["status"] == "ok"]
             oom = [r for r in scaling if r["method"] == m and "OOM" in (r["error"] or "")]
             mem = [r for r in ok if r["extra_bytes"] is not None]  # none off CUDA
-            line = ax_m.plot([r["N"] for r in mem], [r["extra_bytes"] / GiB for r in mem],
-                             marker="o", label=m)[0]
-            ax_t.plot([r["N"] for r in ok], [r["fwd_bwd_ms"] for r in ok], marker="o", label=m,
-                      color=line.get_color())
+            line = ax_m.plot(
+                [r["N"] for r in mem], [r["extra_bytes"] / GiB for r in mem], marker="o", label=m
+            )[0]
+            ax_t.plot(
+                [r["N"] for r in ok],
+                [r["fwd_bwd_ms"] for r in ok],
+                marker="o",
+                label=m,
+                color=line.get_color(),
+            )
             for r in oom:
                 ax_m.axvline(r["N"], color=line.get_color(), ls=":", alpha=0.6)
-                ax_m.annotate(f"{m} OOM", (r["N"], 0.02), xycoords=("data", "axes fraction"),
-                              rotation=90, fontsize=8, color=line.get_color())
+                ax_m.annotate(
+                    f"{m} OOM",
+                    (r["N"], 0.02),
+                    xycoords=("data", "axes fraction"),
+                    rotation=90,
+                    fontsize=8,
+                    color=line.get_color(),
+                )
         v, d = scaling[0]["V"], scaling[0]["D"]
         for ax in (ax_m, ax_t):
             ax.set_xscale("log", base=2)

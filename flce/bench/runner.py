@@ -80,24 +80,43 @@ def _clear_grads(*tensors: torch.Tensor) -> None:
 
 
 def _base_row(shape: Shape, kind: str, name: str) -> dict:
-    return {"shape": shape.name, "kind": kind, "method": name,
-            "description": METHODS[name].description if name in METHODS else name,
-            "N": shape.num_tokens, "V": shape.vocab_size, "D": shape.hidden_size,
-            "status": "ok", "error": None, "notes": {}, "memory_budget": None, "plan": None,
-            "fwd_ms": None, "fwd_bwd_ms": None, "fwd_only_ms": None,
-            "ratio_floor": None, "ratio_compile": None, "fwd_ratio_floor": None,
-            "fwd_ratio_compile": None, "tflops": None,
-            "extra_bytes": None, "extra_minus_grads_bytes": None, "fwd_only_extra_bytes": None,
-            "loss": None, "loss_ref": None, "loss_rel_err": None, "dx_rel_err": None,
-            "dw_rel_err": None}
+    return {
+        "shape": shape.name,
+        "kind": kind,
+        "method": name,
+        "description": METHODS[name].description if name in METHODS else name,
+        "N": shape.num_tokens,
+        "V": shape.vocab_size,
+        "D": shape.hidden_size,
+        "status": "ok",
+        "error": None,
+        "notes": {},
+        "memory_budget": None,
+        "plan": None,
+        "fwd_ms": None,
+        "fwd_bwd_ms": None,
+        "fwd_only_ms": None,
+        "ratio_floor": None,
+        "ratio_compile": None,
+        "fwd_ratio_floor": None,
+        "fwd_ratio_compile": None,
+        "tflops": None,
+        "extra_bytes": None,
+        "extra_minus_grads_bytes": None,
+        "fwd_only_extra_bytes": None,
+        "loss": None,
+        "loss_ref": None,
+        "loss_rel_err": None,
+        "dx_rel_err": None,
+        "dw_rel_err": None,
+    }
 
 
 def grad_bytes(shape: Shape, elem: int = 2) -> int:
     return (shape.num_tokens + shape.vocab_size) * shape.hidden_size * elem
 
 
-def measure_floor(shape: Shape, kind: str, x: torch.Tensor, w: torch.Tensor,
-                  s: Settings) -> dict:
+def measure_floor(shape: Shape, kind: str, x: torch.Tensor, w: torch.Tensor, s: Settings) -> dict:
     row = _base_row(shape, kind, "floor")
     xd, wd = x.detach(), w.detach()
     n, v, d = shape.num_tokens, shape.vocab_size, shape.hidden_size
@@ -146,8 +165,16 @@ def _measure_forward_only(fn, x, w, y, s: Settings, row: dict) -> None:
         free_memory(s.device, collect=False)
 
 
-def measure_method(name: str, shape: Shape, kind: str, x: torch.Tensor, w: torch.Tensor,
-                   y: torch.Tensor, ref: Reference | None, s: Settings) -> dict:
+def measure_method(
+    name: str,
+    shape: Shape,
+    kind: str,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    y: torch.Tensor,
+    ref: Reference | None,
+    s: Settings,
+) -> dict:
     row = _base_row(shape, kind, name)
     opts = Options(device=s.device, softcap=s.softcap, recompute_budget=s.recompute_budget)
     if name in FLCE_METHODS:
@@ -242,19 +269,25 @@ def summary_line(r: dict) -> str:
     if ratios:
         parts[-1] += " (" + ", ".join(ratios) + ")"
     if r["extra_bytes"] is not None:
-        parts.append(f"mem {fmt_bytes(r['extra_bytes'])} "
-                     f"({fmt_bytes(r['extra_minus_grads_bytes'])} beyond grads)")
+        parts.append(
+            f"mem {fmt_bytes(r['extra_bytes'])} "
+            f"({fmt_bytes(r['extra_minus_grads_bytes'])} beyond grads)"
+        )
     if r["fwd_only_ms"] is not None and r["method"] != "floor":
-        parts.append(f"no_grad {fmt_ms(r['fwd_only_ms'])} ms "
-                     f"{fmt_bytes(r['fwd_only_extra_bytes'])}")
+        parts.append(
+            f"no_grad {fmt_ms(r['fwd_only_ms'])} ms {fmt_bytes(r['fwd_only_extra_bytes'])}"
+        )
     if r["dx_rel_err"] is not None:
-        parts.append(f"err loss {fmt_err(r['loss_rel_err'])} dx {fmt_err(r['dx_rel_err'])} "
-                     f"dW {fmt_err(r['dw_rel_err'])}")
+        parts.append(
+            f"err loss {fmt_err(r['loss_rel_err'])} dx {fmt_err(r['dx_rel_err'])} "
+            f"dW {fmt_err(r['dw_rel_err'])}"
+        )
     return " | ".join(parts)
 
 
-def run_case(shape: Shape, kind: str, methods: list[str], s: Settings,
-             progress: Progress) -> list[dict]:
+def run_case(
+    shape: Shape, kind: str, methods: list[str], s: Settings, progress: Progress
+) -> list[dict]:
     label = f"{shape.name}/{kind}"
     progress.start(f"{label:<18} inputs ")
     t = time.perf_counter()
@@ -266,8 +299,10 @@ def run_case(shape: Shape, kind: str, methods: list[str], s: Settings,
     if any(m != "floor" for m in methods):
         t = time.perf_counter()
         ref = reference(x, w, y, softcap=s.softcap)
-        msg += f", float64 reference {time.perf_counter() - t:.1f} s (loss {ref.loss:.5f}, " \
-               f"{ref.valid_tokens} valid tokens)"
+        msg += (
+            f", float64 reference {time.perf_counter() - t:.1f} s (loss {ref.loss:.5f}, "
+            f"{ref.valid_tokens} valid tokens)"
+        )
     free_memory(s.device)
     progress.end(msg)
     rows = []
@@ -288,8 +323,15 @@ def run_case(shape: Shape, kind: str, methods: list[str], s: Settings,
 SCALING_METHODS = ("flce_auto", "torch", "torch_compile")
 
 
-def _scaling_point(name: str, shape: Shape, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
-                   s: Settings, row: dict) -> None:
+def _scaling_point(
+    name: str,
+    shape: Shape,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    y: torch.Tensor,
+    s: Settings,
+    row: dict,
+) -> None:
     if name == "torch_compile":
         # One dynamic-shape graph for the whole series instead of a compile per N.
         comp = compiled_torch_ce(dynamic=True)
@@ -299,8 +341,9 @@ def _scaling_point(name: str, shape: Shape, x: torch.Tensor, w: torch.Tensor, y:
 
         row["notes"] = {"compile": "dynamic=True"}
     else:
-        fn = METHODS[name].build(Options(device=s.device, softcap=s.softcap,
-                                         recompute_budget=s.recompute_budget), {})
+        fn = METHODS[name].build(
+            Options(device=s.device, softcap=s.softcap, recompute_budget=s.recompute_budget), {}
+        )
 
     def step():
         fn(x, w, y).backward()
@@ -322,8 +365,9 @@ def _scaling_point(name: str, shape: Shape, x: torch.Tensor, w: torch.Tensor, y:
     row["fwd_bwd_ms"] = time_runs(step, s.device, s.scaling_iters, before=clear)
 
 
-def run_scaling(ns: list[int], vocab: int, hidden: int, methods: list[str], s: Settings,
-                progress: Progress) -> list[dict]:
+def run_scaling(
+    ns: list[int], vocab: int, hidden: int, methods: list[str], s: Settings, progress: Progress
+) -> list[dict]:
     """Peak extra memory and fwd+bwd time as N grows; an OOM ends that method's series."""
     rows = []
     oom_at: dict[str, int] = {}
@@ -335,9 +379,18 @@ def run_scaling(ns: list[int], vocab: int, hidden: int, methods: list[str], s: S
             progress.line(f"scaling N={n}: inputs failed: {describe_error(e)}")
             break
         for name in methods:
-            row = {"method": name, "N": n, "V": vocab, "D": hidden, "status": "ok",
-                   "error": None, "fwd_bwd_ms": None, "extra_bytes": None,
-                   "extra_minus_grads_bytes": None, "notes": {}}
+            row = {
+                "method": name,
+                "N": n,
+                "V": vocab,
+                "D": hidden,
+                "status": "ok",
+                "error": None,
+                "fwd_bwd_ms": None,
+                "extra_bytes": None,
+                "extra_minus_grads_bytes": None,
+                "notes": {},
+            }
             rows.append(row)
             progress.start(f"{'scaling N=' + str(n):<18} {name:<15} ")
             if name in oom_at:
@@ -346,9 +399,11 @@ def run_scaling(ns: list[int], vocab: int, hidden: int, methods: list[str], s: S
                 continue
             try:
                 _scaling_point(name, shape, x, w, y, s, row)
-                progress.end(f"fwd+bwd {fmt_ms(row['fwd_bwd_ms'])} ms | mem "
-                             f"{fmt_bytes(row['extra_bytes'])} "
-                             f"({fmt_bytes(row['extra_minus_grads_bytes'])} beyond grads)")
+                progress.end(
+                    f"fwd+bwd {fmt_ms(row['fwd_bwd_ms'])} ms | mem "
+                    f"{fmt_bytes(row['extra_bytes'])} "
+                    f"({fmt_bytes(row['extra_minus_grads_bytes'])} beyond grads)"
+                )
             except Unavailable as e:
                 row["status"], row["error"] = "skipped", str(e)
                 progress.end(f"SKIPPED: {e}")
@@ -365,5 +420,13 @@ def run_scaling(ns: list[int], vocab: int, hidden: int, methods: list[str], s: S
     return rows
 
 
-__all__ = ["Settings", "Progress", "run_case", "run_scaling", "SCALING_METHODS", "fmt_ms",
-           "fmt_bytes", "fmt_err"]
+__all__ = [
+    "SCALING_METHODS",
+    "Progress",
+    "Settings",
+    "fmt_bytes",
+    "fmt_err",
+    "fmt_ms",
+    "run_case",
+    "run_scaling",
+]

@@ -776,8 +776,11 @@ std::vector<unsigned char> snapshot(const DeviceOutputs& o) {
   return all;
 }
 
+// The memsets run on the legacy default stream, which a non-blocking stream does not wait for:
+// finish them before the next call.
 void poison(const DeviceOutputs& o) {
   for (const DeviceBuffer* b : {&o.loss, &o.lse, &o.metrics, &o.dx, &o.dw, &o.db}) b->poison();
+  CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 // A call on a user stream is bit-identical run to run (no atomics), and the same call captured in
@@ -810,6 +813,8 @@ TEST(CudaStream, DeterministicAndGraphCapturable) {
     const DeviceBuffer fws(plan.forward_workspace_bytes), bws(plan.backward_workspace_bytes);
     cudaStream_t stream = nullptr;
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    // Uploads and poisoning ran on the legacy stream, which `stream` does not wait for.
+    CUDA_CHECK(cudaDeviceSynchronize());
     auto call = [&]() -> Status {
       ForwardParams f = forward_params(c, in, d, o, plan);
       f.workspace = fws.get();
@@ -835,7 +840,6 @@ TEST(CudaStream, DeterministicAndGraphCapturable) {
     EXPECT_TRUE(snapshot(o) == first) << "two eager runs differ";
 
     poison(o);
-    CUDA_CHECK(cudaStreamSynchronize(stream));
     CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
     st = call();
     cudaGraph_t graph = nullptr;

@@ -28,8 +28,9 @@ def _autograd_float64(x, w, y, softcap):
     return float(loss.detach()), x64.grad, w64.grad
 
 
-@pytest.mark.parametrize("n,v,d,softcap", [(37, 1031, 24, None), (37, 1031, 24, 5.0),
-                                           (5, 70001, 8, None)])
+@pytest.mark.parametrize(
+    "n,v,d,softcap", [(37, 1031, 24, None), (37, 1031, 24, 5.0), (5, 70001, 8, None)]
+)
 def test_reference_matches_float64_autograd(n, v, d, softcap):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(n, d, generator=gen) * 2
@@ -84,9 +85,15 @@ def test_make_inputs_rejects_unknown_kind():
         data.make_inputs(data.Shape("t", 4, 5, 6), "zeros", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name,slug", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
-                                       ("NVIDIA A100-SXM4-80GB", "a100"),
-                                       ("Some Accelerator", "some-accelerator")])
+@pytest.mark.parametrize(
+    "name,slug",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("Some Accelerator", "some-accelerator"),
+    ],
+)
 def test_gpu_slug(name, slug):
     assert cli.gpu_slug(name) == slug
 
@@ -99,9 +106,24 @@ def test_parse_shape():
 
 
 def _run(tmp_path, *extra):
-    args = ["--device", "cpu", "--shape", TINY, "--out", str(tmp_path), "--warmup", "1",
-            "--iters", "1", "--anchor-wheels", str(tmp_path / "no-wheels"), "--tag", "t",
-            "--no-plots", *extra]
+    args = [
+        "--device",
+        "cpu",
+        "--shape",
+        TINY,
+        "--out",
+        str(tmp_path),
+        "--warmup",
+        "1",
+        "--iters",
+        "1",
+        "--anchor-wheels",
+        str(tmp_path / "no-wheels"),
+        "--tag",
+        "t",
+        "--no-plots",
+        *extra,
+    ]
     assert cli.main(args) == 0
     with open(tmp_path / "cpu-t.json") as f:
         return json.load(f)
@@ -109,8 +131,19 @@ def _run(tmp_path, *extra):
 
 def test_benchmark_runs_on_cpu(tmp_path):
     methods = "floor,torch,flce_gif,flce_recompute,flce_auto,cce,cce_exact,liger"
-    out = _run(tmp_path, "--methods", methods, "--scaling-n", "64,96", "--scaling-v", "1031",
-               "--scaling-d", "48", "--scaling-methods", "flce_auto,torch")
+    out = _run(
+        tmp_path,
+        "--methods",
+        methods,
+        "--scaling-n",
+        "64,96",
+        "--scaling-v",
+        "1031",
+        "--scaling-d",
+        "48",
+        "--scaling-methods",
+        "flce_auto,torch",
+    )
     rows = {r["method"]: r for r in out["results"]}
     assert list(rows) == methods.split(",")
     assert all(r["shape"] == "tiny" and r["kind"] == "lm" for r in rows.values())
@@ -128,15 +161,33 @@ def test_benchmark_runs_on_cpu(tmp_path):
     for name in ("cce", "cce_exact", "liger"):  # the anchors need CUDA: skipped with a reason
         assert rows[name]["status"] == "skipped" and rows[name]["error"]
     assert [(r["method"], r["N"]) for r in out["scaling"]] == [
-        ("flce_auto", 64), ("torch", 64), ("flce_auto", 96), ("torch", 96)]
+        ("flce_auto", 64),
+        ("torch", 64),
+        ("flce_auto", 96),
+        ("torch", 96),
+    ]
     assert all(r["status"] == "ok" and r["fwd_bwd_ms"] > 0 for r in out["scaling"])
     md = (tmp_path / "cpu-t.md").read_text()
     assert "## tiny, lm data (N=67, V=1031, D=48)" in md and "| flce_auto |" in md
     assert "Memory and time as N grows" in md
 
+    # --replot rewrites the markdown from the JSON alone.
+    (tmp_path / "cpu-t.md").unlink()
+    assert cli.main(["--replot", str(tmp_path / "cpu-t.json")]) == 0
+    assert (tmp_path / "cpu-t.md").read_text() == md
+
     # --append keeps what the earlier run measured and replaces what is measured again.
-    out = _run(tmp_path, "--append", "--methods", "torch", "--kinds", "flat", "--scaling-n",
-               "none", "--no-forward-only")
+    out = _run(
+        tmp_path,
+        "--append",
+        "--methods",
+        "torch",
+        "--kinds",
+        "flat",
+        "--scaling-n",
+        "none",
+        "--no-forward-only",
+    )
     keys = [(r["kind"], r["method"]) for r in out["results"]]
     assert ("lm", "flce_auto") in keys and ("flat", "torch") in keys
     assert len(keys) == len(set(keys)) == len(methods.split(",")) + 1
@@ -145,8 +196,15 @@ def test_benchmark_runs_on_cpu(tmp_path):
 
 def test_failures_are_reported_not_hidden(tmp_path):
     # A budget far too small for any plan: flce must fail with its message, the run go on.
-    out = _run(tmp_path, "--methods", "torch,flce_recompute", "--recompute-budget", "64",
-               "--scaling-n", "none")
+    out = _run(
+        tmp_path,
+        "--methods",
+        "torch,flce_recompute",
+        "--recompute-budget",
+        "64",
+        "--scaling-n",
+        "none",
+    )
     rows = {r["method"]: r for r in out["results"]}
     assert rows["torch"]["status"] == "ok"
     assert rows["flce_recompute"]["status"] == "failed"
@@ -156,9 +214,26 @@ def test_failures_are_reported_not_hidden(tmp_path):
 @pytest.mark.gpu
 def test_benchmark_runs_on_cuda(tmp_path, device):
     out_dir = tmp_path / "cuda"
-    args = ["--device", "cuda", "--shape", TINY, "--out", str(out_dir), "--warmup", "1",
-            "--iters", "2", "--tag", "t", "--scaling-n", "128,256", "--scaling-v", "1031",
-            "--scaling-d", "48"]
+    args = [
+        "--device",
+        "cuda",
+        "--shape",
+        TINY,
+        "--out",
+        str(out_dir),
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--tag",
+        "t",
+        "--scaling-n",
+        "128,256",
+        "--scaling-v",
+        "1031",
+        "--scaling-d",
+        "48",
+    ]
     assert cli.main(args) == 0
     (path,) = out_dir.glob("*-t.json")
     with open(path) as f:
