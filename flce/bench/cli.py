@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         device = torch.device("cuda", torch.cuda.current_device())
     root = _repo_root()

@@ -180,7 +180,8 @@ def test_small_budget_forces_chunking(device, strategy, dtype):
     budget, plan = chunking_budget(n, vocab, hidden, dtype, device, strategy)
     assert plan["strategy"] == strategy
     if strategy == "grad_in_forward":
-        assert plan["dw_group_tokens"] == plan["forward_token_chunk"]
+        # Either dZ in place per chunk (fp32 dW accumulator) or dZ of all tokens kept (one dW GEMM).
+        assert plan["dw_group_tokens"] in (plan["forward_token_chunk"], n)
     run_case(
         device,
         n_shape=(n,),
