@@ -314,7 +314,7 @@ def versions() -> dict:
 
     out = {"python": sys.version.split()[0]}
     dists = {"torch": "torch", "transformers": "transformers", "liger_kernel": "liger-kernel",
-             "cut_cross_entropy": "cut-cross-entropy"}
+             "cut_cross_entropy": "cut-cross-entropy", "flce": "flce"}
     for name, dist in dists.items():
         try:
             out[name] = version(dist)
@@ -325,7 +325,8 @@ def versions() -> dict:
             ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
             check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        out["flce_git"] = None
+        # A copy of the tree without its .git: the package version is all there is.
+        out["flce_git"] = out["flce"]
     return out
 
 
