@@ -84,6 +84,12 @@ def main():
           f"flce never materializes them.")
     if m_t is not None:
         print(f"memory saved: {(m_t - m_f) / 2**20:.0f} MiB ({m_t / max(m_f, 1):.1f}x less)")
+    else:  # no allocator statistics on the CPU: compare what each must hold
+        plan = flce.plan(n, v, d, dtype, device)
+        work = max(plan["forward_workspace_bytes"], plan["backward_workspace_bytes"])
+        print(f"working memory: flce {work / 2**20:.0f} MiB (its planned workspace, "
+              f"strategy {plan['strategy']}) vs torch {2 * logits_bytes / 2**20:.0f} MiB "
+              f"(logits + their gradient): {2 * logits_bytes / work:.1f}x less")
 
 
 if __name__ == "__main__":

@@ -242,7 +242,13 @@ def _lce_setup_context(ctx, inputs, output):
     if ctx.grad_in_forward:
         ctx.computed = (grad_x, grad_weight, grad_bias)
         ctx.consumed = False
-        ctx.save_for_backward(gx, gw, gb)
+        if torch.compiler.is_compiling():
+            ctx.save_for_backward(gx, gw, gb)
+            ctx.eager_grads = None
+        else:
+            # Held outside save_for_backward and dropped when used, so the backward hands autograd
+            # the only reference and AccumulateGrad adopts the buffer instead of copying V x D.
+            ctx.eager_grads = [gx, gw, gb]
     else:
         ctx.save_for_backward(x, weight, bias, target, class_weight, lse)
 
@@ -257,7 +263,11 @@ def _lce_backward(ctx, grad_loss, grad_lse, _grad_metrics, _ggx, _ggw, _ggb):
                 "strategy='recompute'"
             )
         ctx.consumed = True
-        gx, gw, gb = ctx.saved_tensors
+        if ctx.eager_grads is not None:
+            gx, gw, gb = ctx.eager_grads
+            ctx.eager_grads = None
+        else:
+            gx, gw, gb = ctx.saved_tensors
         scale = grad_loss.to(torch.float32)
         out = [
             _rescale(t, scale) if computed else None

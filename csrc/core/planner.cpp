@@ -85,8 +85,18 @@ std::vector<Plan> grad_in_forward_candidates(const Problem& p) {
   return out;
 }
 
-bool try_grad_in_forward(const Problem& p, size_t budget, const BackendTraits& t, Plan* out) {
+// Below this many tokens per chunk, re-reading and re-writing the fp32 dW accumulator once per
+// chunk costs more than recomputing the logits: on an H100 at gemma2's shape, grad-in-forward with
+// 512-token chunks took 78.5 ms against 68.0 ms for recompute in less memory (1024-token chunks:
+// 63.0 ms); bench/results/h100-budget.md. So strategy auto skips such plans.
+constexpr int64_t kMinAutoAccumulateChunk = 1024;
+
+bool try_grad_in_forward(const Problem& p, size_t budget, const BackendTraits& t, bool automatic,
+                         Plan* out) {
+  const int64_t n = std::max<int64_t>(p.num_tokens, 1);
   for (const Plan& plan : grad_in_forward_candidates(p)) {
+    const bool accumulates = plan.dw_group_tokens < n;
+    if (automatic && accumulates && plan.forward_token_chunk < kMinAutoAccumulateChunk) continue;
     if (plan_bytes(p, plan, t) <= budget) {
       *out = plan;
       return true;
@@ -209,7 +219,7 @@ Status make_plan(const Problem& p, Device device, size_t budget, Strategy forced
   const bool use_recompute = forced != Strategy::kGradInForward;
   const size_t min_budget = minimum_budget(p, t, use_gif, use_recompute);
   bool found = false;
-  if (use_gif) found = try_grad_in_forward(p, budget, t, plan);
+  if (use_gif) found = try_grad_in_forward(p, budget, t, forced == Strategy::kAuto, plan);
   if (!found && use_recompute) found = try_recompute(p, budget, t, plan);
   if (!found) {
     const std::string which = forced == Strategy::kGradInForward ? "strategy grad_in_forward"
