@@ -128,6 +128,67 @@ int64_t in_place_ld(int64_t ld_f32, DType dz_type) {
   return ld_f32 * static_cast<int64_t>(sizeof(float) / dtype_size(dz_type));
 }
 
+
+// A GEMM operand: row-major matrix `ptr` with leading dimension `ld`, used transposed or not.
+struct Operand {
+  const void* ptr;
+  int64_t ld;
+  DType type;
+  bool transposed;
+};
+
+// C[m, n] = op(A) op(B), or += when `accumulate`.
+GemmArgs make_gemm(int64_t m, int64_t n, int64_t k, Operand a, Operand b, void* c, int64_t ldc,
+                   DType c_type, bool accumulate) {
+  GemmArgs g;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.a = a.ptr;
+  g.lda = a.ld;
+  g.a_type = a.type;
+  g.trans_a = a.transposed;
+  g.b = b.ptr;
+  g.ldb = b.ld;
+  g.b_type = b.type;
+  g.trans_b = b.transposed;
+  g.c = c;
+  g.ldc = ldc;
+  g.c_type = c_type;
+  g.beta = accumulate ? 1.0f : 0.0f;
+  return g;
+}
+
+// The planner's view of a forward or backward call: what it computes decides the layout.
+template <typename P>
+Problem problem_of(const P& p) {
+  Problem prob;
+  prob.num_tokens = p.num_tokens;
+  prob.vocab_size = p.vocab_size;
+  prob.hidden_size = p.hidden_size;
+  prob.dtype = p.dtype;
+  prob.reduction = p.options.reduction;
+  prob.has_bias = p.bias != nullptr;
+  prob.needs_grad_x = p.grad_x != nullptr;
+  prob.needs_grad_weight = p.grad_weight != nullptr;
+  prob.needs_grad_bias = p.grad_bias != nullptr;
+  if constexpr (std::is_same_v<P, BackwardParams>) prob.needs_grad_lse = p.grad_lse != nullptr;
+  return prob;
+}
+
+template <typename P>
+PrepareArgs prepare_args(const P& p, float* scalars) {
+  PrepareArgs prep;
+  prep.labels = p.labels;
+  prep.label_type = p.label_type;
+  prep.class_weight = p.class_weight;
+  prep.num_tokens = p.num_tokens;
+  prep.vocab_size = p.vocab_size;
+  prep.ignore_index = p.options.ignore_index;
+  prep.scalars = scalars;
+  return prep;
+}
+
 }  // namespace
 
 Status run_forward(Device device, const ForwardParams& p) {
@@ -153,16 +214,7 @@ Status run_forward(Device device, const ForwardParams& p) {
     return invalid("plan.dw_group_tokens must equal plan.forward_token_chunk or cover all tokens");
   }
 
-  Problem prob;
-  prob.num_tokens = n;
-  prob.vocab_size = v;
-  prob.hidden_size = d;
-  prob.dtype = p.dtype;
-  prob.reduction = p.options.reduction;
-  prob.has_bias = p.bias != nullptr;
-  prob.needs_grad_x = p.grad_x != nullptr;
-  prob.needs_grad_weight = p.grad_weight != nullptr;
-  prob.needs_grad_bias = p.grad_bias != nullptr;
+  const Problem prob = problem_of(p);
   const BackendTraits traits = backend_traits(device);
   const ForwardLayout l = forward_layout(prob, plan, traits);
   FLCE_RETURN_IF_ERROR(check_workspace(p.workspace, p.workspace_bytes, l.total));
@@ -172,15 +224,7 @@ Status run_forward(Device device, const ForwardParams& p) {
   if (!be) return Status::Error(StatusCode::kNotCompiled, "backend unavailable");
 
   float* scalars = reinterpret_cast<float*>(at(ws, l.scalars));
-  PrepareArgs prep;
-  prep.labels = p.labels;
-  prep.label_type = p.label_type;
-  prep.class_weight = p.class_weight;
-  prep.num_tokens = n;
-  prep.vocab_size = v;
-  prep.ignore_index = p.options.ignore_index;
-  prep.scalars = scalars;
-  FLCE_RETURN_IF_ERROR(be->prepare(prep));
+  FLCE_RETURN_IF_ERROR(be->prepare(prepare_args(p, scalars)));
 
   float* lse = p.lse ? p.lse : reinterpret_cast<float*>(at(ws, l.lse));
   float* row_loss =
@@ -189,7 +233,6 @@ Status run_forward(Device device, const ForwardParams& p) {
   float* logits = reinterpret_cast<float*>(at(ws, l.logits));
   const DType dz_type = traits.dz_type(p.dtype);
   const int64_t chunk = plan.forward_token_chunk;
-  const int64_t group = std::min<int64_t>(plan.dw_group_tokens, n);
   const bool in_place = dz_in_place(plan);
 
   // Where dW accumulates: straight into the output when one group covers all tokens, else an
@@ -206,21 +249,10 @@ Status run_forward(Device device, const ForwardParams& p) {
     const int64_t rows = std::min(chunk, n - t0);
     const void* x_chunk = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
 
-    GemmArgs logits_gemm;  // logits[rows, V] = x_chunk W^T
-    logits_gemm.m = rows;
-    logits_gemm.n = v;
-    logits_gemm.k = d;
-    logits_gemm.a = x_chunk;
-    logits_gemm.lda = p.x_row_stride;
-    logits_gemm.a_type = p.dtype;
-    logits_gemm.b = p.weight;
-    logits_gemm.ldb = d;
-    logits_gemm.b_type = p.dtype;
-    logits_gemm.trans_b = true;
-    logits_gemm.c = logits;
-    logits_gemm.ldc = v;
-    logits_gemm.c_type = DType::kFloat32;
-    FLCE_RETURN_IF_ERROR(be->gemm(logits_gemm));
+    // logits[rows, V] = x_chunk W^T
+    FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(rows, v, d, {x_chunk, p.x_row_stride, p.dtype, false},
+                                            {p.weight, d, p.dtype, true}, logits, v,
+                                            DType::kFloat32, false)));
 
     const int64_t group_start = in_place ? t0 : 0;
     void* dz = nullptr;
@@ -259,20 +291,10 @@ Status run_forward(Device device, const ForwardParams& p) {
     if (!grads) continue;
 
     if (p.grad_x) {  // dx[chunk] = dZ W
-      GemmArgs g;
-      g.m = rows;
-      g.n = d;
-      g.k = v;
-      g.a = dz;
-      g.lda = ldz;
-      g.a_type = dz_type;
-      g.b = p.weight;
-      g.ldb = d;
-      g.b_type = p.dtype;
-      g.c = offset_ptr(p.grad_x, t0 * d, p.dtype);
-      g.ldc = d;
-      g.c_type = p.dtype;
-      FLCE_RETURN_IF_ERROR(be->gemm(g));
+      FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(rows, d, v, {dz, ldz, dz_type, false},
+                                              {p.weight, d, p.dtype, false},
+                                              offset_ptr(p.grad_x, t0 * d, p.dtype), d, p.dtype,
+                                              false)));
     }
     if (db_accum) {
       ColumnSumArgs cs;
@@ -288,24 +310,12 @@ Status run_forward(Device device, const ForwardParams& p) {
     const bool group_ends = in_place || t0 + rows == n;
     if (p.grad_weight && group_ends) {  // dW (+)= dZ_group^T x_group
       const int64_t group_rows = t0 + rows - group_start;
-      GemmArgs g;
-      g.m = v;
-      g.n = d;
-      g.k = group_rows;
-      g.a = in_place ? dz : at(ws, l.dz_group);
-      g.lda = ldz;
-      g.a_type = dz_type;
-      g.trans_a = true;
-      g.b = offset_ptr(p.x, group_start * p.x_row_stride, p.dtype);
-      g.ldb = p.x_row_stride;
-      g.b_type = p.dtype;
-      g.c = dw_target;
-      g.ldc = d;
-      g.c_type = dw_type;
-      g.beta = group_start == 0 ? 0.0f : 1.0f;
-      FLCE_RETURN_IF_ERROR(be->gemm(g));
+      const void* dz_group = in_place ? dz : at(ws, l.dz_group);
+      const void* x_group = offset_ptr(p.x, group_start * p.x_row_stride, p.dtype);
+      FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(v, d, group_rows, {dz_group, ldz, dz_type, true},
+                                              {x_group, p.x_row_stride, p.dtype, false},
+                                              dw_target, d, dw_type, group_start > 0)));
     }
-    (void)group;
   }
 
   FinalizeArgs fin;
@@ -352,17 +362,7 @@ Status run_backward(Device device, const BackwardParams& p) {
     return invalid("plan.backward_token_chunk and plan.backward_vocab_chunk must be >= 1");
   }
 
-  Problem prob;
-  prob.num_tokens = n;
-  prob.vocab_size = v;
-  prob.hidden_size = d;
-  prob.dtype = p.dtype;
-  prob.reduction = p.options.reduction;
-  prob.has_bias = p.bias != nullptr;
-  prob.needs_grad_x = p.grad_x != nullptr;
-  prob.needs_grad_weight = p.grad_weight != nullptr;
-  prob.needs_grad_bias = p.grad_bias != nullptr;
-  prob.needs_grad_lse = p.grad_lse != nullptr;
+  const Problem prob = problem_of(p);
   const BackendTraits traits = backend_traits(device);
   const BackwardLayout l = backward_layout(prob, plan, traits);
   FLCE_RETURN_IF_ERROR(check_workspace(p.workspace, p.workspace_bytes, l.total));
@@ -378,15 +378,7 @@ Status run_backward(Device device, const BackwardParams& p) {
   }
 
   float* scalars = reinterpret_cast<float*>(at(ws, l.scalars));
-  PrepareArgs prep;
-  prep.labels = p.labels;
-  prep.label_type = p.label_type;
-  prep.class_weight = p.class_weight;
-  prep.num_tokens = n;
-  prep.vocab_size = v;
-  prep.ignore_index = p.options.ignore_index;
-  prep.scalars = scalars;
-  FLCE_RETURN_IF_ERROR(be->prepare(prep));
+  FLCE_RETURN_IF_ERROR(be->prepare(prepare_args(p, scalars)));
 
   const DType dz_type = traits.dz_type(p.dtype);
   const int64_t bt = plan.backward_token_chunk, bv = plan.backward_vocab_chunk;
@@ -409,21 +401,12 @@ Status run_backward(Device device, const BackwardParams& p) {
 
     for (int64_t t0 = 0; t0 < n; t0 += bt) {
       const int64_t rows = std::min(bt, n - t0);
-      GemmArgs g;  // logits[rows, cols] = x[t0:] W[v0:]^T
-      g.m = rows;
-      g.n = cols;
-      g.k = d;
-      g.a = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
-      g.lda = p.x_row_stride;
-      g.a_type = p.dtype;
-      g.b = w_chunk;
-      g.ldb = d;
-      g.b_type = p.dtype;
-      g.trans_b = true;
-      g.c = logits;
-      g.ldc = cols;
-      g.c_type = DType::kFloat32;
-      FLCE_RETURN_IF_ERROR(be->gemm(g));
+      // logits[rows, cols] = x[t0:] W[v0:]^T
+      const void* x_block = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
+      FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(rows, cols, d,
+                                              {x_block, p.x_row_stride, p.dtype, false},
+                                              {w_chunk, d, p.dtype, true}, logits, cols,
+                                              DType::kFloat32, false)));
 
       RowGradArgs rg;
       rg.logits = logits;
@@ -450,38 +433,15 @@ Status run_backward(Device device, const BackwardParams& p) {
     }
 
     if (p.grad_weight) {  // dW[v0:v0+cols] = dZ^T x, written once
-      GemmArgs g;
-      g.m = cols;
-      g.n = d;
-      g.k = n;
-      g.a = dz_all;
-      g.lda = ldz;
-      g.a_type = dz_type;
-      g.trans_a = true;
-      g.b = p.x;
-      g.ldb = p.x_row_stride;
-      g.b_type = p.dtype;
-      g.c = offset_ptr(p.grad_weight, v0 * d, p.dtype);
-      g.ldc = d;
-      g.c_type = p.dtype;
-      FLCE_RETURN_IF_ERROR(be->gemm(g));
+      FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(cols, d, n, {dz_all, ldz, dz_type, true},
+                                              {p.x, p.x_row_stride, p.dtype, false},
+                                              offset_ptr(p.grad_weight, v0 * d, p.dtype), d,
+                                              p.dtype, false)));
     }
     if (p.grad_x) {  // dx (+)= dZ W[v0:v0+cols]
-      GemmArgs g;
-      g.m = n;
-      g.n = d;
-      g.k = cols;
-      g.a = dz_all;
-      g.lda = ldz;
-      g.a_type = dz_type;
-      g.b = w_chunk;
-      g.ldb = d;
-      g.b_type = p.dtype;
-      g.c = dx_target;
-      g.ldc = d;
-      g.c_type = dx_type;
-      g.beta = v0 == 0 ? 0.0f : 1.0f;
-      FLCE_RETURN_IF_ERROR(be->gemm(g));
+      FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(n, d, cols, {dz_all, ldz, dz_type, false},
+                                              {w_chunk, d, p.dtype, false}, dx_target, d, dx_type,
+                                              v0 > 0)));
     }
     if (p.grad_bias) {
       float* db = reinterpret_cast<float*>(at(ws, l.db_temp));
@@ -543,15 +503,7 @@ Status run_cross_entropy_logits(Device device, const LogitsParams& p) {
   float* lse = p.lse ? p.lse : region(2);
   float* row_metrics = region(3);
 
-  PrepareArgs prep;
-  prep.labels = p.labels;
-  prep.label_type = p.label_type;
-  prep.class_weight = p.class_weight;
-  prep.num_tokens = n;
-  prep.vocab_size = p.vocab_size;
-  prep.ignore_index = p.options.ignore_index;
-  prep.scalars = scalars;
-  FLCE_RETURN_IF_ERROR(be->prepare(prep));
+  FLCE_RETURN_IF_ERROR(be->prepare(prepare_args(p, scalars)));
 
   if (n > 0) {
     RowForwardArgs rf;
