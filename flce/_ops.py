@@ -247,7 +247,7 @@ def _lce_setup_context(ctx, inputs, output):
             ctx.eager_grads = None
         else:
             # Held outside save_for_backward and dropped when used, so the backward hands autograd
-            # the only reference and AccumulateGrad adopts the buffer instead of copying V x D.
+            # the only reference and AccumulateGrad can adopt the buffer rather than copy V x D.
             ctx.eager_grads = [gx, gw, gb]
     else:
         ctx.save_for_backward(x, weight, bias, target, class_weight, lse)
