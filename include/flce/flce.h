@@ -106,7 +106,8 @@ struct Plan {
   int64_t backward_vocab_chunk = 0;
   size_t forward_workspace_bytes = 0;
   size_t backward_workspace_bytes = 0;
-  // The smallest budget any strategy could run in, for error messages.
+  // The smallest budget in which the strategies allowed by the request (all, or the forced one)
+  // could run, for error messages.
   size_t min_budget_bytes = 0;
 };
 
