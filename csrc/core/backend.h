@@ -51,7 +51,7 @@ struct RowForwardArgs {
   DType logits_type = DType::kFloat32;
   int64_t rows = 0;
   int64_t vocab_size = 0;
-  int64_t row_offset = 0;  // global index of row 0 (labels and per-row outputs are global)
+  int64_t row_offset = 0;      // global index of row 0 (labels and per-row outputs are global)
   const void* bias = nullptr;  // [V] bias_type or null
   DType bias_type = DType::kFloat32;
   const void* labels = nullptr;
@@ -92,7 +92,7 @@ struct RowGradArgs {
   const float* lse = nullptr;        // [N]
   const float* grad_loss = nullptr;  // [1] or [N]
   const float* grad_lse = nullptr;   // [N] or null
-  void* dz = nullptr;  // may alias logits (same rule as above)
+  void* dz = nullptr;                // may alias logits (same rule as above)
   int64_t ldz = 0;
   DType dz_type = DType::kFloat32;
 };
@@ -109,8 +109,8 @@ struct ColumnSumArgs {
 
 // Reduces per-row losses and metrics into the outputs.
 struct FinalizeArgs {
-  const float* row_loss = nullptr;  // [N]
-  const float* lse = nullptr;       // [N]
+  const float* row_loss = nullptr;     // [N]
+  const float* lse = nullptr;          // [N]
   const float* row_metrics = nullptr;  // [N, kNumRowMetrics] or null
   const float* scalars = nullptr;
   int64_t num_tokens = 0;

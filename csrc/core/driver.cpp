@@ -26,10 +26,10 @@ namespace {
 
 Status invalid(const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); }
 
-#define FLCE_RETURN_IF_ERROR(expr)  \
-  do {                              \
-    Status _s = (expr);             \
-    if (!_s.ok()) return _s;        \
+#define FLCE_RETURN_IF_ERROR(expr) \
+  do {                             \
+    Status _s = (expr);            \
+    if (!_s.ok()) return _s;       \
   } while (0)
 
 template <typename T>
@@ -115,7 +115,8 @@ std::unique_ptr<Backend> make_backend(Device device, void* gemm_scratch, void* s
 }
 
 Status check_device(Device device) {
-  if (device != Device::kCpu && device != Device::kCuda) return invalid("device must be cpu or cuda");
+  if (device != Device::kCpu && device != Device::kCuda)
+    return invalid("device must be cpu or cuda");
   if (device == Device::kCuda && !cuda_compiled()) {
     return Status::Error(StatusCode::kNotCompiled, "flce was built without the CUDA backend");
   }
@@ -127,7 +128,6 @@ Status check_device(Device device) {
 int64_t in_place_ld(int64_t ld_f32, DType dz_type) {
   return ld_f32 * static_cast<int64_t>(sizeof(float) / dtype_size(dz_type));
 }
-
 
 // A GEMM operand: row-major matrix `ptr` with leading dimension `ld`, used transposed or not.
 struct Operand {
@@ -199,8 +199,9 @@ Status run_forward(Device device, const ForwardParams& p) {
   const int64_t n = p.num_tokens, v = p.vocab_size, d = p.hidden_size;
   const bool grads = p.grad_x || p.grad_weight || p.grad_bias;
   if (grads && plan.strategy != Strategy::kGradInForward) {
-    return invalid("grad_x / grad_weight / grad_bias were given to forward, but plan.strategy is "
-                   "not grad_in_forward (the recompute strategy computes them in backward)");
+    return invalid(
+        "grad_x / grad_weight / grad_bias were given to forward, but plan.strategy is "
+        "not grad_in_forward (the recompute strategy computes them in backward)");
   }
   if (grads && p.options.reduction == Reduction::kNone) {
     return invalid("gradients in the forward need reduction mean or sum, got none");
@@ -227,8 +228,9 @@ Status run_forward(Device device, const ForwardParams& p) {
   FLCE_RETURN_IF_ERROR(be->prepare(prepare_args(p, scalars)));
 
   float* lse = p.lse ? p.lse : reinterpret_cast<float*>(at(ws, l.lse));
-  float* row_loss =
-      p.options.reduction == Reduction::kNone ? p.loss : reinterpret_cast<float*>(at(ws, l.row_loss));
+  float* row_loss = p.options.reduction == Reduction::kNone
+                        ? p.loss
+                        : reinterpret_cast<float*>(at(ws, l.row_loss));
   float* row_metrics = reinterpret_cast<float*>(at(ws, l.row_metrics));
   float* logits = reinterpret_cast<float*>(at(ws, l.logits));
   const DType dz_type = traits.dz_type(p.dtype);
@@ -250,9 +252,9 @@ Status run_forward(Device device, const ForwardParams& p) {
     const void* x_chunk = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
 
     // logits[rows, V] = x_chunk W^T
-    FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(rows, v, d, {x_chunk, p.x_row_stride, p.dtype, false},
-                                            {p.weight, d, p.dtype, true}, logits, v,
-                                            DType::kFloat32, false)));
+    FLCE_RETURN_IF_ERROR(
+        be->gemm(make_gemm(rows, v, d, {x_chunk, p.x_row_stride, p.dtype, false},
+                           {p.weight, d, p.dtype, true}, logits, v, DType::kFloat32, false)));
 
     const int64_t group_start = in_place ? t0 : 0;
     void* dz = nullptr;
@@ -291,10 +293,9 @@ Status run_forward(Device device, const ForwardParams& p) {
     if (!grads) continue;
 
     if (p.grad_x) {  // dx[chunk] = dZ W
-      FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(rows, d, v, {dz, ldz, dz_type, false},
-                                              {p.weight, d, p.dtype, false},
-                                              offset_ptr(p.grad_x, t0 * d, p.dtype), d, p.dtype,
-                                              false)));
+      FLCE_RETURN_IF_ERROR(
+          be->gemm(make_gemm(rows, d, v, {dz, ldz, dz_type, false}, {p.weight, d, p.dtype, false},
+                             offset_ptr(p.grad_x, t0 * d, p.dtype), d, p.dtype, false)));
     }
     if (db_accum) {
       ColumnSumArgs cs;
@@ -313,8 +314,8 @@ Status run_forward(Device device, const ForwardParams& p) {
       const void* dz_group = in_place ? dz : at(ws, l.dz_group);
       const void* x_group = offset_ptr(p.x, group_start * p.x_row_stride, p.dtype);
       FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(v, d, group_rows, {dz_group, ldz, dz_type, true},
-                                              {x_group, p.x_row_stride, p.dtype, false},
-                                              dw_target, d, dw_type, group_start > 0)));
+                                              {x_group, p.x_row_stride, p.dtype, false}, dw_target,
+                                              d, dw_type, group_start > 0)));
     }
   }
 
@@ -331,12 +332,13 @@ Status run_forward(Device device, const ForwardParams& p) {
 
   if (grads) {
     if (n == 0) {  // no chunk ran: the gradients are zero
-      if (p.grad_weight) FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_weight, v * d * dtype_size(p.dtype)));
+      if (p.grad_weight)
+        FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_weight, v * d * dtype_size(p.dtype)));
       if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_bias, v * dtype_size(p.dtype)));
     } else {
       if (p.grad_weight && l.dw_accum != kAbsent) {
-        FLCE_RETURN_IF_ERROR(
-            be->convert(reinterpret_cast<float*>(at(ws, l.dw_accum)), p.grad_weight, p.dtype, v * d));
+        FLCE_RETURN_IF_ERROR(be->convert(reinterpret_cast<float*>(at(ws, l.dw_accum)),
+                                         p.grad_weight, p.dtype, v * d));
       }
       if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->convert(db_accum, p.grad_bias, p.dtype, v));
     }
@@ -350,8 +352,9 @@ Status run_backward(Device device, const BackwardParams& p) {
   const Plan& plan = p.plan;
   const int64_t n = p.num_tokens, v = p.vocab_size, d = p.hidden_size;
   if (plan.strategy != Strategy::kRecompute) {
-    return invalid("backward needs a recompute plan; with grad_in_forward the forward already "
-                   "produced the gradients");
+    return invalid(
+        "backward needs a recompute plan; with grad_in_forward the forward already "
+        "produced the gradients");
   }
   if (p.grad_bias && !p.bias) return invalid("grad_bias was given but bias is null");
   if (n > 0 && p.lse == nullptr) return invalid("lse must not be null (the forward's output)");
@@ -372,7 +375,8 @@ Status run_backward(Device device, const BackwardParams& p) {
   if (!be) return Status::Error(StatusCode::kNotCompiled, "backend unavailable");
 
   if (n == 0) {
-    if (p.grad_weight) FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_weight, v * d * dtype_size(p.dtype)));
+    if (p.grad_weight)
+      FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_weight, v * d * dtype_size(p.dtype)));
     if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_bias, v * dtype_size(p.dtype)));
     return Status::Ok();
   }
@@ -403,10 +407,9 @@ Status run_backward(Device device, const BackwardParams& p) {
       const int64_t rows = std::min(bt, n - t0);
       // logits[rows, cols] = x[t0:] W[v0:]^T
       const void* x_block = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
-      FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(rows, cols, d,
-                                              {x_block, p.x_row_stride, p.dtype, false},
-                                              {w_chunk, d, p.dtype, true}, logits, cols,
-                                              DType::kFloat32, false)));
+      FLCE_RETURN_IF_ERROR(
+          be->gemm(make_gemm(rows, cols, d, {x_block, p.x_row_stride, p.dtype, false},
+                             {w_chunk, d, p.dtype, true}, logits, cols, DType::kFloat32, false)));
 
       RowGradArgs rg;
       rg.logits = logits;
@@ -433,15 +436,14 @@ Status run_backward(Device device, const BackwardParams& p) {
     }
 
     if (p.grad_weight) {  // dW[v0:v0+cols] = dZ^T x, written once
-      FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(cols, d, n, {dz_all, ldz, dz_type, true},
-                                              {p.x, p.x_row_stride, p.dtype, false},
-                                              offset_ptr(p.grad_weight, v0 * d, p.dtype), d,
-                                              p.dtype, false)));
+      FLCE_RETURN_IF_ERROR(be->gemm(
+          make_gemm(cols, d, n, {dz_all, ldz, dz_type, true}, {p.x, p.x_row_stride, p.dtype, false},
+                    offset_ptr(p.grad_weight, v0 * d, p.dtype), d, p.dtype, false)));
     }
     if (p.grad_x) {  // dx (+)= dZ W[v0:v0+cols]
-      FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(n, d, cols, {dz_all, ldz, dz_type, false},
-                                              {w_chunk, d, p.dtype, false}, dx_target, d, dx_type,
-                                              v0 > 0)));
+      FLCE_RETURN_IF_ERROR(
+          be->gemm(make_gemm(n, d, cols, {dz_all, ldz, dz_type, false},
+                             {w_chunk, d, p.dtype, false}, dx_target, d, dx_type, v0 > 0)));
     }
     if (p.grad_bias) {
       float* db = reinterpret_cast<float*>(at(ws, l.db_temp));
@@ -469,8 +471,10 @@ Status run_cross_entropy_logits(Device device, const LogitsParams& p) {
   if (p.label_type != IndexType::kInt64 && p.label_type != IndexType::kInt32) {
     return invalid("label_type must be int64 or int32");
   }
-  if (p.num_tokens < 0) return invalid("num_tokens must be >= 0, got " + std::to_string(p.num_tokens));
-  if (p.vocab_size < 1) return invalid("vocab_size must be >= 1, got " + std::to_string(p.vocab_size));
+  if (p.num_tokens < 0)
+    return invalid("num_tokens must be >= 0, got " + std::to_string(p.num_tokens));
+  if (p.vocab_size < 1)
+    return invalid("vocab_size must be >= 1, got " + std::to_string(p.vocab_size));
   FLCE_RETURN_IF_ERROR(validate_options(p.options));
   if (p.loss == nullptr) return invalid("loss must not be null");
   if (p.num_tokens > 0 && (p.logits == nullptr || p.labels == nullptr)) {
@@ -495,7 +499,8 @@ Status run_cross_entropy_logits(Device device, const LogitsParams& p) {
   auto region = [&](int i) {  // same carving as logits_workspace_bytes()
     const size_t stride =
         (static_cast<size_t>(std::max<int64_t>(n, kNumScalars)) * kNumRowMetrics * sizeof(float) +
-         kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
+         kWorkspaceAlignment - 1) /
+        kWorkspaceAlignment * kWorkspaceAlignment;
     return reinterpret_cast<float*>(ws + i * stride);
   };
   float* scalars = region(0);
@@ -562,9 +567,12 @@ bool cuda_available() { return detail::cuda_compiled(); }
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::kFloat32: return "float32";
-    case DType::kFloat16: return "float16";
-    case DType::kBFloat16: return "bfloat16";
+    case DType::kFloat32:
+      return "float32";
+    case DType::kFloat16:
+      return "float16";
+    case DType::kBFloat16:
+      return "bfloat16";
   }
   return "unknown";
 }

@@ -21,11 +21,11 @@ namespace flce::detail {
 // Device-resident scalars computed once per call by a backend's prepare step (so the CUDA path
 // never reads them on the host).
 enum Scalar : int32_t {
-  kScalarDenominator = 0,  // sum over valid rows of w[y_i] (the mean's divisor)
+  kScalarDenominator = 0,     // sum over valid rows of w[y_i] (the mean's divisor)
   kScalarInvDenominator = 1,  // 1 / denominator, or 0 when no row is valid
-  kScalarWeightSum = 2,  // sum_c w_c (V without class weights)
-  kScalarValidRows = 3,  // number of rows whose label is not ignore_index
-  kScalarLabelError = 4,  // 1 when a label was out of range (CUDA; the CPU returns an error)
+  kScalarWeightSum = 2,       // sum_c w_c (V without class weights)
+  kScalarValidRows = 3,       // number of rows whose label is not ignore_index
+  kScalarLabelError = 4,      // 1 when a label was out of range (CUDA; the CPU returns an error)
   kNumScalars = 8,
 };
 

@@ -39,8 +39,7 @@ struct BackwardLayout {
   size_t total = 0;
 };
 
-ForwardLayout forward_layout(const Problem& problem, const Plan& plan,
-                             const BackendTraits& traits);
+ForwardLayout forward_layout(const Problem& problem, const Plan& plan, const BackendTraits& traits);
 BackwardLayout backward_layout(const Problem& problem, const Plan& plan,
                                const BackendTraits& traits);
 
@@ -52,8 +51,7 @@ inline bool needs_dw_accumulator(const Problem& p, const Plan& plan) {
   return p.needs_grad_weight && plan.dw_group_tokens < p.num_tokens && p.dtype != DType::kFloat32;
 }
 inline bool needs_dx_accumulator(const Problem& p, const Plan& plan) {
-  return p.needs_grad_x && plan.backward_vocab_chunk < p.vocab_size &&
-         p.dtype != DType::kFloat32;
+  return p.needs_grad_x && plan.backward_vocab_chunk < p.vocab_size && p.dtype != DType::kFloat32;
 }
 
 }  // namespace flce::detail

@@ -43,7 +43,7 @@ enum class StatusCode : int32_t {
   kOk = 0,
   kInvalidArgument = 1,
   kBudgetTooSmall = 2,
-  kNotCompiled = 3,  // the backend was not built into this library
+  kNotCompiled = 3,   // the backend was not built into this library
   kBackendError = 4,  // a CUDA / cuBLAS / BLAS call failed
 };
 
@@ -59,12 +59,12 @@ struct Status {
 // Indices into the metrics output ([kNumMetrics] float32). All are over rows whose label is not
 // ignore_index, computed on the transformed logits z, unweighted by class weights.
 enum Metric : int32_t {
-  kMetricMaxLogit = 0,      // max_i max_c z_ic
-  kMetricLogitNorm = 1,     // mean_i ||z_i||_2
-  kMetricEntropy = 2,       // mean_i H(softmax(z_i))
-  kMetricLseSquared = 3,    // mean_i lse_i^2 (the z-loss before its coefficient)
-  kMetricAccuracy = 4,      // mean_i [argmax_c z_ic == y_i]
-  kMetricValidTokens = 5,   // number of rows whose label is not ignore_index
+  kMetricMaxLogit = 0,     // max_i max_c z_ic
+  kMetricLogitNorm = 1,    // mean_i ||z_i||_2
+  kMetricEntropy = 2,      // mean_i H(softmax(z_i))
+  kMetricLseSquared = 3,   // mean_i lse_i^2 (the z-loss before its coefficient)
+  kMetricAccuracy = 4,     // mean_i [argmax_c z_ic == y_i]
+  kMetricValidTokens = 5,  // number of rows whose label is not ignore_index
   kNumMetrics = 6,
 };
 
@@ -118,8 +118,8 @@ constexpr size_t kDefaultMemoryBudget = size_t(4) << 30;
 // Chooses the strategy and chunking for `problem` on `device` within `memory_budget_bytes`.
 // `forced` = kAuto lets the planner choose. Fails with kBudgetTooSmall (message gives the minimum)
 // when no strategy fits, or kInvalidArgument when the forced strategy cannot serve the request.
-Status make_plan(const Problem& problem, Device device, size_t memory_budget_bytes,
-                 Strategy forced, Plan* plan);
+Status make_plan(const Problem& problem, Device device, size_t memory_budget_bytes, Strategy forced,
+                 Plan* plan);
 
 // Forward: loss (and per-token LSE and metrics); with kGradInForward and grad pointers set, also
 // dx, dW, db for an upstream gradient of 1 (the caller rescales in backward).
@@ -139,17 +139,17 @@ struct ForwardParams {
   LossOptions options;
 
   // Outputs (device memory of the backend).
-  float* loss = nullptr;     // [1] for mean/sum, [N] for none (0 at ignored rows)
-  float* lse = nullptr;      // [N] or null
-  float* metrics = nullptr;  // [kNumMetrics] or null
-  void* grad_x = nullptr;     // [N, D] dtype, contiguous; only with kGradInForward
+  float* loss = nullptr;        // [1] for mean/sum, [N] for none (0 at ignored rows)
+  float* lse = nullptr;         // [N] or null
+  float* metrics = nullptr;     // [kNumMetrics] or null
+  void* grad_x = nullptr;       // [N, D] dtype, contiguous; only with kGradInForward
   void* grad_weight = nullptr;  // [V, D] dtype; only with kGradInForward
-  void* grad_bias = nullptr;  // [V] dtype; only with kGradInForward
+  void* grad_bias = nullptr;    // [V] dtype; only with kGradInForward
 
   Plan plan;
   void* workspace = nullptr;  // plan.forward_workspace_bytes, any alignment >= 256 B
   size_t workspace_bytes = 0;
-  void* stream = nullptr;  // cudaStream_t for the CUDA backend
+  void* stream = nullptr;   // cudaStream_t for the CUDA backend
   bool allow_tf32 = false;  // fp32 GEMMs may use TF32 tensor cores (CUDA)
 };
 
