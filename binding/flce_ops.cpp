@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "flce/flce.h"
@@ -260,6 +261,39 @@ at::Tensor maybe_empty(bool wanted, at::IntArrayRef shape, const at::TensorOptio
   return wanted ? at::empty(shape, opts) : at::empty({0}, opts);
 }
 
+// dx, dW, db in the input dtype; [0] placeholders for those not requested (the schema returns
+// all three).
+struct GradOutputs {
+  at::Tensor x, weight, bias;
+
+  template <typename P>
+  void fill(P* p, bool want_x, bool want_weight, bool want_bias) const {
+    p->grad_x = want_x ? x.mutable_data_ptr() : nullptr;
+    p->grad_weight = want_weight ? weight.mutable_data_ptr() : nullptr;
+    p->grad_bias = want_bias ? bias.mutable_data_ptr() : nullptr;
+  }
+};
+
+GradOutputs allocate_grads(const Inputs& in, const at::TensorOptions& opts, bool grad_x,
+                           bool grad_weight, bool grad_bias) {
+  return {maybe_empty(grad_x, {in.n, in.d}, opts), maybe_empty(grad_weight, {in.v, in.d}, opts),
+          maybe_empty(grad_bias, {in.v}, opts)};
+}
+
+// Allocates the call's workspace and points the params at it and at the current stream; the
+// returned Workspace must outlive the core call.
+template <typename P>
+Workspace attach_workspace(P* p, size_t bytes, const at::Device& device) {
+  Workspace ws = make_workspace(bytes, device);
+  p->workspace = ws.ptr;
+  p->workspace_bytes = ws.bytes;
+  p->stream = current_stream(device);
+  if constexpr (std::is_same_v<P, ForwardParams> || std::is_same_v<P, BackwardParams>) {
+    p->allow_tf32 = allow_tf32();
+  }
+  return ws;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Planner.
 
@@ -320,24 +354,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       p.options.reduction == Reduction::kNone ? at::empty({in.n}, f32) : at::empty({}, f32);
   at::Tensor lse = at::empty({in.n}, f32);
   at::Tensor metrics = maybe_empty(compute_metrics, {kNumMetrics}, f32);
-  at::Tensor gx = maybe_empty(grad_x, {in.n, in.d}, x.options());
-  at::Tensor gw = maybe_empty(grad_weight, {in.v, in.d}, x.options());
-  at::Tensor gb = maybe_empty(grad_bias, {in.v}, x.options());
+  const GradOutputs g = allocate_grads(in, x.options(), grad_x, grad_weight, grad_bias);
   const at::Tensor loss_slot = loss_pointer_owner(loss);
   p.loss = loss_slot.mutable_data_ptr<float>();
   p.lse = in.n > 0 ? lse.mutable_data_ptr<float>() : nullptr;
   p.metrics = compute_metrics ? metrics.mutable_data_ptr<float>() : nullptr;
-  p.grad_x = grad_x ? gx.mutable_data_ptr() : nullptr;
-  p.grad_weight = grad_weight ? gw.mutable_data_ptr() : nullptr;
-  p.grad_bias = grad_bias ? gb.mutable_data_ptr() : nullptr;
-
-  const Workspace ws = make_workspace(p.plan.forward_workspace_bytes, x.device());
-  p.workspace = ws.ptr;
-  p.workspace_bytes = ws.bytes;
-  p.stream = current_stream(x.device());
-  p.allow_tf32 = allow_tf32();
+  g.fill(&p, grad_x, grad_weight, grad_bias);
+  const Workspace ws = attach_workspace(&p, p.plan.forward_workspace_bytes, x.device());
   check_status(forward(in.device, p));
-  return {loss, lse, metrics, gx, gw, gb};
+  return {loss, lse, metrics, g.x, g.weight, g.bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward(
@@ -382,20 +407,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward(
   p.grad_loss = in.n > 0 ? gl.const_data_ptr<float>() : nullptr;
   p.grad_lse = glse.defined() && in.n > 0 ? glse.const_data_ptr<float>() : nullptr;
 
-  at::Tensor gx = maybe_empty(grad_x, {in.n, in.d}, x.options());
-  at::Tensor gw = maybe_empty(grad_weight, {in.v, in.d}, x.options());
-  at::Tensor gb = maybe_empty(grad_bias, {in.v}, x.options());
-  p.grad_x = grad_x && in.n > 0 ? gx.mutable_data_ptr() : nullptr;
-  p.grad_weight = grad_weight ? gw.mutable_data_ptr() : nullptr;
-  p.grad_bias = grad_bias ? gb.mutable_data_ptr() : nullptr;
-
-  const Workspace ws = make_workspace(p.plan.backward_workspace_bytes, x.device());
-  p.workspace = ws.ptr;
-  p.workspace_bytes = ws.bytes;
-  p.stream = current_stream(x.device());
-  p.allow_tf32 = allow_tf32();
+  const GradOutputs g = allocate_grads(in, x.options(), grad_x, grad_weight, grad_bias);
+  g.fill(&p, grad_x && in.n > 0, grad_weight, grad_bias);
+  const Workspace ws = attach_workspace(&p, p.plan.backward_workspace_bytes, x.device());
   check_status(backward(in.device, p));
-  return {gx, gw, gb};
+  return {g.x, g.weight, g.bias};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -436,7 +452,6 @@ LogitsParams make_logits_params(const LogitsInputs& in, const at::Tensor& logits
   p.vocab_size = in.v;
   p.dtype = to_dtype(logits.scalar_type(), "logits");
   p.options = options;
-  p.stream = current_stream(logits.device());
   return p;
 }
 
@@ -462,9 +477,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_logits(
   }
   p.grad_scale = grad_scale.defined() ? grad_scale.const_data_ptr<float>() : nullptr;
   p.grad_lse = grad_lse.defined() ? grad_lse.const_data_ptr<float>() : nullptr;
-  const Workspace ws = make_workspace(logits_workspace_bytes(in.n), logits.device());
-  p.workspace = ws.ptr;
-  p.workspace_bytes = ws.bytes;
+  const Workspace ws = attach_workspace(&p, logits_workspace_bytes(in.n), logits.device());
   check_status(cross_entropy_logits(to_device(logits.device(), "logits"), p));
   return {loss, lse, metrics};
 }

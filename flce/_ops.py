@@ -162,20 +162,8 @@ def _ce_forward_fake(
     return _ce_outputs_fake(logits, reduction, compute_metrics)
 
 
-@torch.library.register_fake("flce::ce_forward_inplace")
-def _ce_forward_inplace_fake(
-    logits,
-    target,
-    class_weight,
-    ignore_index,
-    reduction,
-    label_smoothing,
-    z_loss,
-    softcap,
-    logit_scale,
-    compute_metrics,
-):
-    return _ce_outputs_fake(logits, reduction, compute_metrics)
+# The in-place variant writes the gradient into `logits`; its outputs have the same shapes.
+torch.library.register_fake("flce::ce_forward_inplace")(_ce_forward_fake)
 
 
 @torch.library.register_fake("flce::ce_backward")
