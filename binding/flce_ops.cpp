@@ -542,6 +542,26 @@ at::Tensor ce_backward(const at::Tensor& logits, const at::Tensor& target,
   return grad;
 }
 
+// grad *= scale in place; the kernel reads scale, so nothing waits on the host and a scale of 1
+// costs no memory traffic.
+void scale_(at::Tensor grad, const at::Tensor& scale) {
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, "scale: expected dtype float32, got ",
+                   scale.scalar_type());
+  TORCH_CHECK_VALUE(scale.numel() == 1, "scale: expected one element, got shape ",
+                    shape_str(scale));
+  check_same_device(scale, grad, "scale", "grad");
+  TORCH_CHECK_VALUE(grad.is_contiguous(), "grad: expected a contiguous tensor");
+  if (grad.numel() == 0) return;
+  const c10::DeviceGuard guard(grad.device());
+  ScaleParams p;
+  p.data = grad.data_ptr();
+  p.dtype = to_dtype(grad.scalar_type(), "grad");
+  p.count = grad.numel();
+  p.scale = scale.const_data_ptr<float>();
+  p.stream = current_stream(grad.device());
+  check_status(scale_in_place(to_device(grad.device(), "grad"), p));
+}
+
 }  // namespace
 }  // namespace flce::binding
 
@@ -554,6 +574,7 @@ TORCH_LIBRARY(flce, m) {
       "bool grad_lse, int memory_budget, int strategy) -> int[]",
       &plan_op);
   m.def("default_memory_budget() -> int", &default_memory_budget_op);
+  m.def("scale_(Tensor(a!) grad, Tensor scale) -> ()");
   m.def("cuda_available() -> bool", &cuda_available_op);
   // grad_x / grad_weight / grad_bias: compute those gradients in the forward (plan strategy
   // grad_in_forward, upstream gradient 1); the matching outputs are empty [0] otherwise.
@@ -590,6 +611,7 @@ TORCH_LIBRARY_IMPL(flce, CPU, m) {
   m.impl("ce_forward", &ce_forward);
   m.impl("ce_forward_inplace", &ce_forward_inplace);
   m.impl("ce_backward", &ce_backward);
+  m.impl("scale_", &scale_);
 }
 
 #if FLCE_WITH_CUDA
@@ -600,5 +622,6 @@ TORCH_LIBRARY_IMPL(flce, CUDA, m) {
   m.impl("ce_forward", &ce_forward);
   m.impl("ce_forward_inplace", &ce_forward_inplace);
   m.impl("ce_backward", &ce_backward);
+  m.impl("scale_", &scale_);
 }
 #endif

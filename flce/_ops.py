@@ -196,8 +196,15 @@ def _ce_backward_fake(
 def _rescale(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """grad * scale, in place in eager mode. While tracing (torch.compile, AOTAutograd) it stays
     functional: the tracer must not see a mutation of a forward output, and Inductor reuses the
-    dead buffer by itself."""
+    dead buffer by itself.
+
+    In eager mode a one-element scale goes through flce's scale_ kernel, which reads the scale on
+    the device and skips the pass when it is 1 (a plain loss.backward()): no host sync, and no
+    read and write of the V x D gradient."""
     if type(grad) is torch.Tensor and not torch.compiler.is_compiling():
+        if scale.numel() == 1 and grad.is_contiguous():
+            torch.ops.flce.scale_(grad, scale)
+            return grad
         return grad.mul_(scale)
     return grad * scale
 
@@ -223,6 +230,9 @@ def _lce_setup_context(ctx, inputs, output):
     ) = inputs
     _loss, lse, metrics, gx, gw, gb = output
     ctx.mark_non_differentiable(metrics, gx, gw, gb)
+    # Unused outputs get None, not zeros: materializing them would fill [V, D] buffers for the
+    # non-differentiable gradient outputs on every backward.
+    ctx.set_materialize_grads(False)
     ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
     ctx.plan = list(plan)
     ctx.grad_in_forward = plan[0] == GRAD_IN_FORWARD
@@ -251,6 +261,9 @@ def _lce_backward(ctx, grad_loss, grad_lse, _grad_metrics, _ggx, _ggw, _ggb):
                 "strategy='recompute'"
             )
         ctx.consumed = True
+        if grad_loss is None:  # the loss does not reach the output: zero gradients
+            ctx.eager_grads = None
+            return (None, None, None, *([None] * n_rest))
         if ctx.eager_grads is not None:
             gx, gw, gb = ctx.eager_grads
             ctx.eager_grads = None
@@ -294,6 +307,11 @@ def _lce_backward(ctx, grad_loss, grad_lse, _grad_metrics, _ggx, _ggw, _ggb):
     )
 
 
+@torch.library.register_fake("flce::scale_")
+def _scale_fake(grad, scale):
+    return None
+
+
 torch.library.register_autograd(
     "flce::lce_forward", _lce_backward, setup_context=_lce_setup_context
 )
@@ -318,6 +336,7 @@ def _ce_setup_context(ctx, inputs, output):
         _compute_metrics,
     ) = inputs
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
     ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
     ctx.save_for_backward(logits, target, class_weight)
 

@@ -132,6 +132,9 @@ class Backend {
   // dst[i] = src[i] converted to dst_type (fp32 accumulators into output dtype).
   virtual Status convert(const float* src, void* dst, DType dst_type, int64_t count) = 0;
   virtual Status fill_zero(void* ptr, size_t bytes) = 0;
+  // data[i] *= *factor in place, `factor` read where the backend's data lives; nothing is read or
+  // written when *factor == 1.
+  virtual Status scale(void* data, DType type, int64_t count, const float* factor) = 0;
 };
 
 // What the planner must know about a backend without constructing it.

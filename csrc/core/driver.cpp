@@ -544,6 +544,18 @@ Status run_cross_entropy_logits(Device device, const LogitsParams& p) {
   return be->finalize(fin);
 }
 
+Status run_scale_in_place(Device device, const ScaleParams& p) {
+  FLCE_RETURN_IF_ERROR(check_device(device));
+  if (!valid_dtype(p.dtype)) return invalid("dtype must be float32, float16 or bfloat16");
+  if (p.count < 0) return invalid("count must be >= 0, got " + std::to_string(p.count));
+  if (p.count == 0) return Status::Ok();
+  if (p.data == nullptr) return invalid("data must not be null");
+  if (p.scale == nullptr) return invalid("scale must not be null");
+  auto be = make_backend(device, nullptr, p.stream, false);
+  if (!be) return Status::Error(StatusCode::kNotCompiled, "backend unavailable");
+  return be->scale(p.data, p.dtype, p.count, p.scale);
+}
+
 }  // namespace detail
 
 size_t logits_workspace_bytes(int64_t num_tokens) {
@@ -562,6 +574,9 @@ Status backward(Device device, const BackwardParams& params) {
 }
 Status cross_entropy_logits(Device device, const LogitsParams& params) {
   return detail::run_cross_entropy_logits(device, params);
+}
+Status scale_in_place(Device device, const ScaleParams& params) {
+  return detail::run_scale_in_place(device, params);
 }
 bool cuda_available() { return detail::cuda_compiled(); }
 

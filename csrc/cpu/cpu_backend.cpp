@@ -30,6 +30,9 @@ class CpuBackend final : public Backend {
     if (bytes > 0) std::memset(ptr, 0, bytes);
     return Status::Ok();
   }
+  Status scale(void* data, DType type, int64_t count, const float* factor) override {
+    return cpu::scale(data, type, count, factor);
+  }
 
  private:
   void* gemm_scratch_;

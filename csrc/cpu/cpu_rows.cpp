@@ -303,4 +303,14 @@ Status convert(const float* src, void* dst, DType dst_type, int64_t count) {
   return Status::Ok();
 }
 
+Status scale(void* data, DType type, int64_t count, const float* factor) {
+  const float s = *factor;
+  if (count <= 0 || s == 1.0f) return Status::Ok();
+#pragma omp parallel for schedule(static) if (count > (int64_t(1) << 15))
+  for (int64_t i = 0; i < count; ++i) {
+    store_from_float(data, type, i, load_as_float(data, type, i) * s);
+  }
+  return Status::Ok();
+}
+
 }  // namespace flce::detail::cpu

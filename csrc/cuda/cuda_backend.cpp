@@ -48,6 +48,10 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  Status scale(void* data, DType type, int64_t count, const float* factor) override {
+    return cuda::launch_scale(data, type, count, factor, stream_);
+  }
+
  private:
   cudaStream_t stream_;
   bool allow_tf32_;

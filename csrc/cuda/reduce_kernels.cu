@@ -222,7 +222,66 @@ Status convert_to(const float* src, T* dst, int64_t count, cudaStream_t stream) 
   return Status::Ok();
 }
 
+// scale --------------------------------------------------------------------------------------
+
+// Every thread reads the factor and leaves at once when it is 1: the whole launch then touches
+// no data, which is what makes rescaling by a unit upstream gradient free.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kConvertThreads)
+    scale_kernel(T* __restrict__ data, int64_t count, const float* __restrict__ factor) {
+  const float s = *factor;
+  if (s == 1.0f) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * VEC;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; i < count;
+       i += stride) {
+    if (i + VEC <= count) {
+      float v[VEC];
+      load_vec<T, VEC>(data + i, v);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] *= s;
+      store_vec<T, VEC>(data + i, v);
+    } else {
+      for (int j = 0; i + j < count; ++j) data[i + j] = from_float<T>(to_float(data[i + j]) * s);
+    }
+  }
+}
+
+template <typename T>
+Status scale_as(T* data, int64_t count, const float* factor, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = is_aligned(data, 16);
+  const int64_t per_block = static_cast<int64_t>(kConvertThreads) * (vec ? kVec : 1);
+  const int64_t blocks = std::min((count + per_block - 1) / per_block, kConvertMaxBlocks);
+  if (vec) {
+    scale_kernel<T, kVec>
+        <<<static_cast<unsigned>(blocks), kConvertThreads, 0, stream>>>(data, count, factor);
+  } else {
+    scale_kernel<T, 1>
+        <<<static_cast<unsigned>(blocks), kConvertThreads, 0, stream>>>(data, count, factor);
+  }
+  FLCE_CUDA_CHECK_LAUNCH("scale_kernel");
+  return Status::Ok();
+}
+
 }  // namespace
+
+Status launch_scale(void* data, DType type, int64_t count, const float* factor,
+                    cudaStream_t stream) {
+  if (count == 0) return Status::Ok();
+  if (count < 0) return invalid("scale: count must be >= 0, got " + std::to_string(count));
+  if (data == nullptr || factor == nullptr) {
+    return invalid("scale: data and factor must not be null");
+  }
+  switch (type) {
+    case DType::kFloat32:
+      return scale_as(static_cast<float*>(data), count, factor, stream);
+    case DType::kFloat16:
+      return scale_as(static_cast<__half*>(data), count, factor, stream);
+    case DType::kBFloat16:
+      return scale_as(static_cast<__nv_bfloat16*>(data), count, factor, stream);
+  }
+  return invalid("scale: unsupported dtype code " + std::to_string(static_cast<int>(type)));
+}
 
 Status launch_prepare(const PrepareArgs& a, cudaStream_t stream) {
   if (a.scalars == nullptr) return invalid("prepare: scalars must not be null");

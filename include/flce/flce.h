@@ -213,12 +213,25 @@ struct LogitsParams {
 
 size_t logits_workspace_bytes(int64_t num_tokens);
 
+// Multiplies `count` elements of `data` in place by *scale. `scale` lives where `data` does
+// (device memory for CUDA) and is read by the kernel, so the host never waits; when *scale == 1
+// the data is neither read nor written. This is how gradients computed in the forward are
+// rescaled by the upstream gradient: free for a plain loss.backward().
+struct ScaleParams {
+  void* data = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t count = 0;
+  const float* scale = nullptr;  // [1]
+  void* stream = nullptr;
+};
+
 // Entry points. Each validates its params (every invalid argument gets a message naming it) and
 // never throws. The CUDA ones are asynchronous on `stream` and never synchronize the host; a label
 // out of range there cannot be reported synchronously, so it makes that row's loss NaN.
 Status forward(Device device, const ForwardParams& params);
 Status backward(Device device, const BackwardParams& params);
 Status cross_entropy_logits(Device device, const LogitsParams& params);
+Status scale_in_place(Device device, const ScaleParams& params);
 
 // True when the CUDA backend was compiled into this build.
 bool cuda_available();

@@ -65,6 +65,26 @@ def test_plain(device, strategy, reduction):
     run_case(device, strategy=strategy, reduction=reduction)
 
 
+@pytest.mark.parametrize("upstream", [1.0, 0.0, -3.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_in_forward_upstream_scales(device, upstream, dtype):
+    # 1 is the case the rescaling kernel skips without touching the gradients; 0 and a negative
+    # factor must still reach every element.
+    run_case(device, strategy="grad_in_forward", upstream=upstream, dtype=dtype, vocab=301)
+
+
+def test_unused_loss_gives_no_gradient(device):
+    # Only the lse reaches the output: the gradient comes from it alone (grad_loss is None).
+    x, w, _ = make_inputs((9,), 40, 16, device, torch.float32, False)
+    y = random_labels((9,), 40, device, -100, 0.2, torch.int64)
+    x.requires_grad_(True)
+    _loss, lse = flce.linear_cross_entropy(x, w, y, return_lse=True)
+    (gx,) = torch.autograd.grad(lse.sum(), (x,))
+    x64 = x.detach().double().requires_grad_(True)
+    (gr,) = torch.autograd.grad(torch.logsumexp(x64 @ w.double().T, dim=-1).sum(), (x64,))
+    assert rel_err(gx, gr) <= 1e-5
+
+
 def test_reduction_none(device):
     loss = run_case(device, strategy="recompute", reduction="none")
     assert loss.shape == (3, 11)

@@ -224,3 +224,22 @@ def test_raw_op_errors(device):
         torch.ops.flce.lce_forward(
             x.double(), w.double(), None, y[:5], None, *OPTIONS, plan, False, False, False, False
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("factor", [1.0, 0.25, -7.0])
+def test_scale_op(device, dtype, factor):
+    g = torch.randn(1031, device=device).to(dtype)
+    want = (g.float() * factor).to(dtype)
+    torch.ops.flce.scale_(g, torch.tensor(factor, device=device))
+    assert torch.equal(g, want)
+
+
+def test_scale_op_errors(device):
+    g = torch.randn(10, device=device)
+    with pytest.raises(TypeError, match="scale: expected dtype float32"):
+        torch.ops.flce.scale_(g, torch.tensor(2.0, device=device, dtype=torch.float64))
+    with pytest.raises(ValueError, match="scale: expected one element"):
+        torch.ops.flce.scale_(g, torch.ones(2, device=device))
+    with pytest.raises(ValueError, match="grad: expected a contiguous tensor"):
+        torch.ops.flce.scale_(torch.randn(4, 6, device=device).T, torch.ones((), device=device))
