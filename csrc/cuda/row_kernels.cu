@@ -1,4 +1,6 @@
-// The row kernels: one thread block per row of a logits block.
+// The portable row kernels: one thread block per row of a logits block. On Hopper, fp32 rows of
+// up to 262144 columns go to the cluster variant instead (sm90_row_cluster.cu), which reads each
+// logit once.
 //
 // rows_forward: pass 1 walks the whole row once, each thread keeping an online-softmax RowState
 // that the block merges; thread 0 then finishes the row (LSE, loss, metrics, gradient
@@ -15,6 +17,7 @@
 
 #include "core/row_math.h"
 #include "cuda/common.cuh"
+#include "cuda/row_common.cuh"
 #include "cuda/launch.h"
 
 namespace flce::detail::cuda {
@@ -56,41 +59,6 @@ int row_threads(int64_t cols) {
   if (t < kMinRowThreads) t = kMinRowThreads;
   if (t > kMaxRowThreads) t = kMaxRowThreads;
   return static_cast<int>(t);
-}
-
-// RowState across the block ------------------------------------------------------------------
-
-__device__ __forceinline__ RowState shfl_xor_state(const RowState& s, int mask) {
-  RowState o;
-  o.max = __shfl_xor_sync(kFullMask, s.max, mask);
-  o.sum_exp = __shfl_xor_sync(kFullMask, s.sum_exp, mask);
-  o.sum_exp_z = __shfl_xor_sync(kFullMask, s.sum_exp_z, mask);
-  o.sum_wz = __shfl_xor_sync(kFullMask, s.sum_wz, mask);
-  o.sum_z2 = __shfl_xor_sync(kFullMask, s.sum_z2, mask);
-  o.best = __shfl_xor_sync(kFullMask, s.best, mask);
-  o.argmax =
-      static_cast<int64_t>(__shfl_xor_sync(kFullMask, static_cast<long long>(s.argmax), mask));
-  return o;
-}
-
-__device__ __forceinline__ void warp_merge(RowState& s) {
-#pragma unroll
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) s.merge(shfl_xor_state(s, m));
-}
-
-// Merges every thread's state in a fixed order; the result is valid in thread 0.
-__device__ __forceinline__ RowState block_merge(RowState s, RowState* smem) {
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  warp_merge(s);
-  if (lane == 0) smem[warp] = s;
-  __syncthreads();
-  if (warp == 0) {
-    RowState t;
-    if (lane < static_cast<int>(blockDim.x / kWarpSize)) t = smem[lane];
-    warp_merge(t);
-    s = t;
-  }
-  return s;
 }
 
 // Walking a row ------------------------------------------------------------------------------
@@ -176,14 +144,6 @@ __device__ __forceinline__ void store_tile(DzT* dz, int64_t t0, int64_t cols,
   }
 }
 
-// What thread 0 hands the dZ pass of its row.
-struct RowGrad {
-  GradCoefs k;
-  float lse;
-  int64_t label;  // global column of the target (never matches when ignored or out of range)
-  bool zero;      // every coefficient is 0: write zeros without reading the row
-};
-
 // The dZ pass over one row of `cols` columns whose column 0 is global column col0. Called by all
 // threads of the block (it synchronizes once per tile).
 template <typename LogitT, typename DzT, int VEC>
@@ -218,10 +178,6 @@ __device__ __forceinline__ void write_row_grad(const LogitT* x, DzT* dz, int64_t
     }
     store_tile<DzT, VEC>(dz, t0, cols, g);
   }
-}
-
-__device__ __forceinline__ bool all_zero(const GradCoefs& k) {
-  return k.coef_p == 0.0f && k.coef_target == 0.0f && k.coef_weight == 0.0f;
 }
 
 // Kernels ------------------------------------------------------------------------------------
@@ -259,41 +215,8 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSm)
   st = block_merge(st, reinterpret_cast<RowState*>(merge_smem));
 
   if (threadIdx.x == 0) {
-    const float lse = st.lse();
-    const int64_t label = load_label(a.labels, a.label_type, row);
-    const bool valid = label_is_valid(label, o.ignore_index);
-    const bool in_range = label_in_range(label, vocab);
-    // An out-of-range label has no target logit or weight: NaN makes the row's loss (and its
-    // gradient) NaN instead of silently wrong.
-    float z_target = NAN, w_target = NAN;
-    if (in_range) {
-      float raw = to_float(x[label]);
-      if (a.bias != nullptr) raw += load_dynamic(a.bias, a.bias_type, label);
-      z_target = transform_logit(raw, o.logit_scale, o.softcap);
-      w_target = a.class_weight != nullptr ? a.class_weight[label] : 1.0f;
-    }
-    const float weight_sum = a.scalars[kScalarWeightSum];
-    a.row_loss[row] =
-        valid ? row_loss(lse, z_target, w_target, st.sum_wz, weight_sum, vocab, o) : 0.0f;
-    a.lse[row] = lse;
-    if (a.row_metrics != nullptr) {
-      float* m = a.row_metrics + row * kNumRowMetrics;
-      m[kRowMaxLogit] = valid ? st.max : -INFINITY;
-      m[kRowLogitNorm] = valid ? sqrtf(st.sum_z2) : 0.0f;
-      m[kRowEntropy] = valid ? st.entropy() : 0.0f;
-      m[kRowLseSquared] = valid ? lse * lse : 0.0f;
-      m[kRowCorrect] = valid && st.argmax == label ? 1.0f : 0.0f;
-    }
-    if (a.dz != nullptr) {
-      const float g = row_upstream(o.reduction, a.grad_loss, row, a.scalars[kScalarInvDenominator]);
-      const float g_lse = a.grad_lse != nullptr ? a.grad_lse[row] : 0.0f;
-      RowGrad rg;
-      rg.k = grad_coefs(valid, g, g_lse, lse, w_target, weight_sum, vocab, o);
-      rg.lse = lse;
-      rg.label = valid && in_range ? label : -1;
-      rg.zero = all_zero(rg.k);
-      row_grad = rg;
-    }
+    const RowGrad rg = finish_forward_row(a, row, st, x, true);
+    if (a.dz != nullptr) row_grad = rg;
   }
   if (a.dz == nullptr) return;  // uniform across the block
   __syncthreads();
@@ -355,6 +278,7 @@ Status launch_rows_forward(const RowForwardArgs& a, cudaStream_t stream) {
     return invalid("rows_forward: ldz must be >= vocab_size (" + std::to_string(a.vocab_size) +
                    "), got " + std::to_string(a.ldz));
   }
+  if (rows_forward_cluster_applies(a)) return launch_rows_forward_cluster(a, stream);
   const int threads = row_threads(a.vocab_size);
   return dispatch_dtype(a.logits_type, [&](auto logit_tag) {
     using LogitT = typename decltype(logit_tag)::type;

@@ -63,6 +63,7 @@ struct Case {
   bool all_ignored = false;
   bool grad_x = true, grad_weight = true, grad_bias = false;
   bool grad_lse = false;  // backpropagate through the returned lse (recompute only)
+  bool metrics = true;    // request the metrics (CUDA harness; kernels skip their sums without)
   double logit_std = 3.0;
   uint64_t seed = 1;
   std::string describe() const;
