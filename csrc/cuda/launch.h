@@ -19,9 +19,5 @@ Status launch_scale(void* data, DType type, int64_t count, const float* factor,
                     cudaStream_t stream);                                     // reduce_kernels.cu
 Status launch_rows_forward(const RowForwardArgs& args, cudaStream_t stream);  // row_kernels.cu
 Status launch_rows_grad(const RowGradArgs& args, cudaStream_t stream);        // row_kernels.cu
-// The cluster variant of rows_forward (sm90_row_cluster.cu): fp32 logits, vocab_size a multiple
-// of 4 and at most 262144, 16-byte aligned rows, a GPU of compute capability 9.0 or later.
-bool rows_forward_cluster_applies(const RowForwardArgs& args);
-Status launch_rows_forward_cluster(const RowForwardArgs& args, cudaStream_t stream);
 
 }  // namespace flce::detail::cuda

@@ -1,4 +1,4 @@
-// Device pieces shared by the row kernels (row_kernels.cu, sm90_row_cluster.cu): merging
+// Device pieces of the row kernels (row_kernels.cu): merging
 // RowStates across a block, and finishing a row from its statistics.
 #pragma once
 
@@ -57,7 +57,7 @@ __device__ __forceinline__ bool all_zero(const GradCoefs& k) {
 
 // Finishes row `row` of a rows_forward call from its merged statistics: loss, LSE and metrics
 // (when `write_outputs`; x is the row's raw logits, read at the label), and the coefficients of
-// its gradient. Called by one thread per row (per block of a cluster for the cluster kernel).
+// its gradient. Called by one thread per row.
 template <typename LogitT>
 __device__ __forceinline__ RowGrad finish_forward_row(const RowForwardArgs& a, int64_t row,
                                                       const RowState& st, const LogitT* x,

@@ -1,6 +1,4 @@
-// The portable row kernels: one thread block per row of a logits block. On Hopper, fp32 rows of
-// up to 262144 columns go to the cluster variant instead (sm90_row_cluster.cu), which reads each
-// logit once.
+// The row kernels: one thread block per row of a logits block.
 //
 // rows_forward: pass 1 walks the whole row once, each thread keeping an online-softmax RowState
 // that the block merges; thread 0 then finishes the row (LSE, loss, metrics, gradient
@@ -25,7 +23,7 @@ namespace {
 
 // Elements each thread holds per tile: two 16-byte loads of fp32 or one of 16-bit logits, enough
 // independent loads in flight per thread for a memory-bound walk.
-constexpr int kElemsPerThread = 8;
+constexpr int kElemsPerThread = 16;
 constexpr int kMaxRowThreads = 512;
 constexpr int kMinRowThreads = 128;
 // Two blocks of kMaxRowThreads per SM at most 64 registers per thread.
@@ -278,7 +276,6 @@ Status launch_rows_forward(const RowForwardArgs& a, cudaStream_t stream) {
     return invalid("rows_forward: ldz must be >= vocab_size (" + std::to_string(a.vocab_size) +
                    "), got " + std::to_string(a.ldz));
   }
-  if (rows_forward_cluster_applies(a)) return launch_rows_forward_cluster(a, stream);
   const int threads = row_threads(a.vocab_size);
   return dispatch_dtype(a.logits_type, [&](auto logit_tag) {
     using LogitT = typename decltype(logit_tag)::type;

@@ -561,11 +561,10 @@ TEST(CudaEdge, LargeVocabulary) {
   }
 }
 
-// The Hopper cluster variant of rows_forward (a row spread over up to 8 blocks): 100000 columns
-// make a cluster of 4 whose last block is partly outside the row, 262144 the largest cluster
-// (8 full blocks), 262148 just beyond it (the portable kernel). Every option, so that the merged
-// statistics, metrics, smoothing and class weights all cross the block boundaries.
-TEST(CudaEdge, ClusterRows) {
+// Rows far longer than one tile of the row kernels (100000 columns: a partial last tile; 262144
+// and 262148), with every option and metrics, then plain without metrics (the kernels skip the
+// metric sums): the statistics merged across tiles and threads against float64.
+TEST(CudaEdge, LongRowsWithAndWithoutMetrics) {
   SKIP_WITHOUT_DEVICE();
   uint64_t seed = 500;
   for (int64_t v : {int64_t(100000), int64_t(262144), int64_t(262148)}) {
