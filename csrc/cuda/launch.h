@@ -14,7 +14,7 @@ Status launch_prepare(const PrepareArgs& args, cudaStream_t stream);       // re
 Status launch_finalize(const FinalizeArgs& args, cudaStream_t stream);     // reduce_kernels.cu
 Status launch_column_sum(const ColumnSumArgs& args, cudaStream_t stream);  // reduce_kernels.cu
 Status launch_convert(const float* src, void* dst, DType dst_type, int64_t count,
-                      cudaStream_t stream);                                   // reduce_kernels.cu
+                      cudaStream_t stream);  // reduce_kernels.cu
 Status launch_scale(void* data, DType type, int64_t count, const float* factor,
                     cudaStream_t stream);                                     // reduce_kernels.cu
 Status launch_rows_forward(const RowForwardArgs& args, cudaStream_t stream);  // row_kernels.cu

@@ -15,8 +15,8 @@
 
 #include "core/row_math.h"
 #include "cuda/common.cuh"
-#include "cuda/row_common.cuh"
 #include "cuda/launch.h"
+#include "cuda/row_common.cuh"
 
 namespace flce::detail::cuda {
 namespace {

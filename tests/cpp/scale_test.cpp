@@ -35,8 +35,8 @@ std::vector<unsigned char> random_data(DType type, int64_t count, uint32_t seed)
 }
 
 // What every element must become: the stored value times the scale, rounded once to `type`.
-std::vector<unsigned char> expected(const std::vector<unsigned char>& in, DType type,
-                                    int64_t count, float scale) {
+std::vector<unsigned char> expected(const std::vector<unsigned char>& in, DType type, int64_t count,
+                                    float scale) {
   std::vector<unsigned char> out(in);
   for (int64_t i = 0; i < count; ++i) {
     store_from_float(out.data(), type, i, load_as_float(in.data(), type, i) * scale);
