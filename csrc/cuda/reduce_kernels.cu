@@ -189,6 +189,12 @@ constexpr int kConvertThreads = 256;
 // Grid-stride beyond this many blocks: already several waves on any current GPU.
 constexpr int64_t kConvertMaxBlocks = 8192;
 
+// Blocks of kConvertThreads for a grid-stride walk over `count` elements, `per_thread` each.
+unsigned grid_stride_blocks(int64_t count, int per_thread) {
+  const int64_t per_block = static_cast<int64_t>(kConvertThreads) * per_thread;
+  return static_cast<unsigned>(std::min((count + per_block - 1) / per_block, kConvertMaxBlocks));
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kConvertThreads)
     convert_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t count) {
@@ -209,14 +215,11 @@ template <typename T>
 Status convert_to(const float* src, T* dst, int64_t count, cudaStream_t stream) {
   constexpr int kVec = 4;
   const bool vec = is_aligned(src, kVec * sizeof(float)) && is_aligned(dst, kVec * sizeof(T));
-  const int64_t per_block = static_cast<int64_t>(kConvertThreads) * (vec ? kVec : 1);
-  const int64_t blocks = std::min((count + per_block - 1) / per_block, kConvertMaxBlocks);
+  const unsigned blocks = grid_stride_blocks(count, vec ? kVec : 1);
   if (vec) {
-    convert_kernel<T, kVec>
-        <<<static_cast<unsigned>(blocks), kConvertThreads, 0, stream>>>(src, dst, count);
+    convert_kernel<T, kVec><<<blocks, kConvertThreads, 0, stream>>>(src, dst, count);
   } else {
-    convert_kernel<T, 1>
-        <<<static_cast<unsigned>(blocks), kConvertThreads, 0, stream>>>(src, dst, count);
+    convert_kernel<T, 1><<<blocks, kConvertThreads, 0, stream>>>(src, dst, count);
   }
   FLCE_CUDA_CHECK_LAUNCH("convert_kernel");
   return Status::Ok();
@@ -250,14 +253,11 @@ template <typename T>
 Status scale_as(T* data, int64_t count, const float* factor, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = is_aligned(data, 16);
-  const int64_t per_block = static_cast<int64_t>(kConvertThreads) * (vec ? kVec : 1);
-  const int64_t blocks = std::min((count + per_block - 1) / per_block, kConvertMaxBlocks);
+  const unsigned blocks = grid_stride_blocks(count, vec ? kVec : 1);
   if (vec) {
-    scale_kernel<T, kVec>
-        <<<static_cast<unsigned>(blocks), kConvertThreads, 0, stream>>>(data, count, factor);
+    scale_kernel<T, kVec><<<blocks, kConvertThreads, 0, stream>>>(data, count, factor);
   } else {
-    scale_kernel<T, 1>
-        <<<static_cast<unsigned>(blocks), kConvertThreads, 0, stream>>>(data, count, factor);
+    scale_kernel<T, 1><<<blocks, kConvertThreads, 0, stream>>>(data, count, factor);
   }
   FLCE_CUDA_CHECK_LAUNCH("scale_kernel");
   return Status::Ok();
