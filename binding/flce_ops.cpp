@@ -44,7 +44,10 @@ enum PlanField : int64_t {
   kPlanForwardWorkspaceBytes = 5,
   kPlanBackwardWorkspaceBytes = 6,
   kPlanMinBudgetBytes = 7,
-  kPlanFields = 8,
+  kPlanForwardVocabChunk = 8,
+  kPlanBackwardOrder = 9,
+  kPlanGemmScratchBytes = 10,
+  kPlanFields = 11,
 };
 
 std::string shape_str(const at::Tensor& t) {
@@ -115,6 +118,9 @@ Plan to_plan(c10::IntArrayRef v) {
   p.forward_workspace_bytes = static_cast<size_t>(v[kPlanForwardWorkspaceBytes]);
   p.backward_workspace_bytes = static_cast<size_t>(v[kPlanBackwardWorkspaceBytes]);
   p.min_budget_bytes = static_cast<size_t>(v[kPlanMinBudgetBytes]);
+  p.forward_vocab_chunk = v[kPlanForwardVocabChunk];
+  p.backward_order = static_cast<BackwardOrder>(v[kPlanBackwardOrder]);
+  p.gemm_scratch_bytes = static_cast<size_t>(v[kPlanGemmScratchBytes]);
   return p;
 }
 
@@ -327,7 +333,10 @@ std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hid
           plan.backward_vocab_chunk,
           static_cast<int64_t>(plan.forward_workspace_bytes),
           static_cast<int64_t>(plan.backward_workspace_bytes),
-          static_cast<int64_t>(plan.min_budget_bytes)};
+          static_cast<int64_t>(plan.min_budget_bytes),
+          plan.forward_vocab_chunk,
+          static_cast<int64_t>(plan.backward_order),
+          static_cast<int64_t>(plan.gemm_scratch_bytes)};
 }
 
 int64_t default_memory_budget_op() { return static_cast<int64_t>(kDefaultMemoryBudget); }

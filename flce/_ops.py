@@ -26,7 +26,13 @@ PLAN_FIELDS = (
     "forward_workspace_bytes",
     "backward_workspace_bytes",
     "min_budget_bytes",
+    "forward_vocab_chunk",
+    "backward_order",
+    "gemm_scratch_bytes",
 )
+# flce::BackwardOrder
+BACKWARD_ORDERS = {"vocab_outer": 0, "token_outer": 1}
+BACKWARD_ORDER_NAMES = {code: name for name, code in BACKWARD_ORDERS.items()}
 # Order of the metrics tensor (flce::Metric).
 METRIC_NAMES = ("max_logit", "logit_norm", "entropy", "lse_squared", "accuracy", "valid_tokens")
 

@@ -415,7 +415,8 @@ def plan(
     memory_budget: int | None = None,
     strategy: str = "auto",
 ) -> dict:
-    """The plan flce would use for a call of this shape: strategy name, chunk sizes and the
+    """The plan flce would use for a call of this shape: strategy name, chunk sizes, the
+    recompute backward's loop order ("vocab_outer" or "token_outer"), the GEMM scratch and the
     forward / backward workspace bytes (see flce::Plan). Raises ValueError when the budget is
     too small (the message gives the minimum)."""
     for name, value in (
@@ -443,4 +444,5 @@ def plan(
     )
     out = dict(zip(_ops.PLAN_FIELDS, values))
     out["strategy"] = _ops.STRATEGY_NAMES[out["strategy"]]
+    out["backward_order"] = _ops.BACKWARD_ORDER_NAMES[out["backward_order"]]
     return out

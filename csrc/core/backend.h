@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "flce/flce.h"
+#include "row_math.h"
 
 namespace flce::detail {
 
@@ -43,14 +44,25 @@ struct PrepareArgs {
   float* scalars = nullptr;  // [kNumScalars]
 };
 
-// Rows of a logits block that spans all V columns: statistics, loss, LSE, metrics and optionally
-// the gradient with respect to the raw logits.
+// What a row's earlier vocabulary blocks leave for its later ones when a forward splits rows.
+struct RowCarry {
+  RowState state;
+  float target_z = NAN;  // transformed logit of the label, once its block was seen
+};
+
+// Rows of a logits block: statistics, loss, LSE, metrics and optionally the gradient with
+// respect to the raw logits. A block spans all V columns, or (without a gradient) columns
+// [col_offset, col_offset + cols) of rows whose statistics are merged through `carry`: the
+// block at col_offset 0 starts a row, the block that ends at V finishes it.
 struct RowForwardArgs {
-  const void* logits = nullptr;  // [rows, V] logits_type (raw: bias not yet added)
+  const void* logits = nullptr;  // [rows, cols] logits_type (raw: bias not yet added)
   int64_t ld = 0;
   DType logits_type = DType::kFloat32;
   int64_t rows = 0;
   int64_t vocab_size = 0;
+  int64_t cols = 0;  // 0 means vocab_size
+  int64_t col_offset = 0;
+  RowCarry* carry = nullptr;   // [N], required when cols < vocab_size
   int64_t row_offset = 0;      // global index of row 0 (labels and per-row outputs are global)
   const void* bias = nullptr;  // [V] bias_type or null
   DType bias_type = DType::kFloat32;
@@ -141,9 +153,10 @@ class Backend {
 struct BackendTraits {
   // Element type of the dZ blocks fed to the dx / dW GEMMs for a given input dtype.
   DType (*dz_type)(DType input) = nullptr;
-  // Fixed scratch a backend's gemm needs (CPU: conversion panels for fp16 / bf16), carved from
-  // the workspace.
+  // Scratch a backend's gemm prefers (CPU: conversion panels for fp16 / bf16; CUDA: cuBLASLt's
+  // workspace), carved from the workspace, and the least it can run with.
   size_t gemm_scratch_bytes = 0;
+  size_t min_gemm_scratch_bytes = 0;
 };
 
 BackendTraits backend_traits(Device device);

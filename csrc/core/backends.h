@@ -13,9 +13,10 @@ BackendTraits cpu_traits();
 std::unique_ptr<Backend> make_cpu_backend(void* gemm_scratch);
 
 BackendTraits cuda_traits();
-// stream: a cudaStream_t; gemm_scratch: traits.gemm_scratch_bytes of device workspace (the
-// cuBLASLt workspace). Returns null when the CUDA backend is not built in.
-std::unique_ptr<Backend> make_cuda_backend(void* stream, bool allow_tf32, void* gemm_scratch);
+// stream: a cudaStream_t; gemm_scratch: gemm_scratch_bytes (>= traits.min_gemm_scratch_bytes) of
+// device workspace for cuBLASLt. Returns null when the CUDA backend is not built in.
+std::unique_ptr<Backend> make_cuda_backend(void* stream, bool allow_tf32, void* gemm_scratch,
+                                           size_t gemm_scratch_bytes);
 bool cuda_compiled();
 
 }  // namespace flce::detail

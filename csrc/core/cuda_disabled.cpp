@@ -4,7 +4,7 @@
 namespace flce::detail {
 
 BackendTraits cuda_traits() { return cpu_traits(); }
-std::unique_ptr<Backend> make_cuda_backend(void*, bool, void*) { return nullptr; }
+std::unique_ptr<Backend> make_cuda_backend(void*, bool, void*, size_t) { return nullptr; }
 bool cuda_compiled() { return false; }
 
 }  // namespace flce::detail

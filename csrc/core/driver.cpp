@@ -108,10 +108,32 @@ Status check_workspace(const void* ws, size_t have, size_t need) {
   return Status::Ok();
 }
 
-std::unique_ptr<Backend> make_backend(Device device, void* gemm_scratch, void* stream,
-                                      bool allow_tf32) {
-  if (device == Device::kCuda) return make_cuda_backend(stream, allow_tf32, gemm_scratch);
+std::unique_ptr<Backend> make_backend(Device device, void* gemm_scratch, size_t scratch_bytes,
+                                      void* stream, bool allow_tf32) {
+  if (device == Device::kCuda) {
+    return make_cuda_backend(stream, allow_tf32, gemm_scratch, scratch_bytes);
+  }
   return make_cpu_backend(gemm_scratch);
+}
+
+// The backend of a fused call, with the GEMM scratch its plan carved.
+template <typename Layout>
+std::unique_ptr<Backend> make_backend(Device device, const Layout& l, void* ws, const Plan& plan,
+                                      const BackendTraits& traits, void* stream, bool allow_tf32) {
+  if (l.gemm_scratch == kAbsent) return make_backend(device, nullptr, 0, stream, allow_tf32);
+  return make_backend(device, at(ws, l.gemm_scratch), gemm_scratch_bytes(plan, traits), stream,
+                      allow_tf32);
+}
+
+Status check_gemm_scratch(const Plan& plan, const BackendTraits& traits) {
+  if (plan.gemm_scratch_bytes != 0 && (plan.gemm_scratch_bytes < traits.min_gemm_scratch_bytes ||
+                                       plan.gemm_scratch_bytes % kWorkspaceAlignment != 0)) {
+    return invalid("plan.gemm_scratch_bytes must be 0 (the backend's default) or a multiple of " +
+                   std::to_string(kWorkspaceAlignment) +
+                   " that is >= " + std::to_string(traits.min_gemm_scratch_bytes) + ", got " +
+                   std::to_string(plan.gemm_scratch_bytes));
+  }
+  return Status::Ok();
 }
 
 Status check_device(Device device) {
@@ -189,6 +211,58 @@ PrepareArgs prepare_args(const P& p, float* scalars) {
   return prep;
 }
 
+// The row arguments of a fused forward's block of `rows` tokens from token t0 (whole rows, fp32
+// logits; the caller sets the block and dZ fields).
+RowForwardArgs row_forward_args(const ForwardParams& p, int64_t rows, int64_t t0,
+                                const float* scalars, float* row_loss, float* lse,
+                                float* row_metrics) {
+  RowForwardArgs rf;
+  rf.logits_type = DType::kFloat32;
+  rf.rows = rows;
+  rf.vocab_size = p.vocab_size;
+  rf.row_offset = t0;
+  rf.bias = p.bias;
+  rf.bias_type = p.dtype;
+  rf.labels = p.labels;
+  rf.label_type = p.label_type;
+  rf.class_weight = p.class_weight;
+  rf.options = p.options;
+  rf.scalars = scalars;
+  rf.row_loss = row_loss;
+  rf.lse = lse;
+  rf.row_metrics = row_metrics;
+  return rf;
+}
+
+// The dZ arguments of a recompute block [rows, cols] at (t0, v0), dZ in place when `dz` is the
+// block itself.
+RowGradArgs row_grad_args(const BackwardParams& p, const float* scalars, const float* logits,
+                          int64_t rows, int64_t cols, int64_t t0, int64_t v0, void* dz, int64_t ldz,
+                          DType dz_type) {
+  RowGradArgs rg;
+  rg.logits = logits;
+  rg.ld = cols;
+  rg.rows = rows;
+  rg.cols = cols;
+  rg.row_offset = t0;
+  rg.col_offset = v0;
+  rg.vocab_size = p.vocab_size;
+  rg.bias = p.bias;
+  rg.bias_type = p.dtype;
+  rg.labels = p.labels;
+  rg.label_type = p.label_type;
+  rg.class_weight = p.class_weight;
+  rg.options = p.options;
+  rg.scalars = scalars;
+  rg.lse = p.lse;
+  rg.grad_loss = p.grad_loss;
+  rg.grad_lse = p.grad_lse;
+  rg.dz = dz;
+  rg.ldz = ldz;
+  rg.dz_type = dz_type;
+  return rg;
+}
+
 }  // namespace
 
 Status run_forward(Device device, const ForwardParams& p) {
@@ -214,15 +288,27 @@ Status run_forward(Device device, const ForwardParams& p) {
   if (grads && !(plan.dw_group_tokens == plan.forward_token_chunk || plan.dw_group_tokens >= n)) {
     return invalid("plan.dw_group_tokens must equal plan.forward_token_chunk or cover all tokens");
   }
+  if (plan.forward_vocab_chunk < 0) {
+    return invalid("plan.forward_vocab_chunk must be >= 0, got " +
+                   std::to_string(plan.forward_vocab_chunk));
+  }
 
   const Problem prob = problem_of(p);
   const BackendTraits traits = backend_traits(device);
+  FLCE_RETURN_IF_ERROR(check_gemm_scratch(plan, traits));
+  const int64_t block_cols = forward_cols(prob, plan);
+  if (grads && block_cols < v) {
+    return invalid(
+        "plan.forward_vocab_chunk must be 0 or >= vocab_size when the forward computes "
+        "gradients (dZ needs each row's LSE before any of its block is written)");
+  }
   const ForwardLayout l = forward_layout(prob, plan, traits);
   FLCE_RETURN_IF_ERROR(check_workspace(p.workspace, p.workspace_bytes, l.total));
   void* ws = p.workspace;
-  auto be = make_backend(device, l.gemm_scratch == kAbsent ? nullptr : at(ws, l.gemm_scratch),
-                         p.stream, p.allow_tf32);
+  auto be = make_backend(device, l, ws, plan, traits, p.stream, p.allow_tf32);
   if (!be) return Status::Error(StatusCode::kNotCompiled, "backend unavailable");
+  RowCarry* carry =
+      l.row_carry == kAbsent ? nullptr : reinterpret_cast<RowCarry*>(at(ws, l.row_carry));
 
   float* scalars = reinterpret_cast<float*>(at(ws, l.scalars));
   FLCE_RETURN_IF_ERROR(be->prepare(prepare_args(p, scalars)));
@@ -251,6 +337,24 @@ Status run_forward(Device device, const ForwardParams& p) {
     const int64_t rows = std::min(chunk, n - t0);
     const void* x_chunk = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
 
+    if (carry != nullptr) {  // statistics only, merged across vocabulary blocks
+      for (int64_t v0 = 0; v0 < v; v0 += block_cols) {
+        const int64_t cols = std::min(block_cols, v - v0);
+        FLCE_RETURN_IF_ERROR(
+            be->gemm(make_gemm(rows, cols, d, {x_chunk, p.x_row_stride, p.dtype, false},
+                               {offset_ptr(p.weight, v0 * d, p.dtype), d, p.dtype, true}, logits,
+                               cols, DType::kFloat32, false)));
+        RowForwardArgs rf = row_forward_args(p, rows, t0, scalars, row_loss, lse, row_metrics);
+        rf.logits = logits;
+        rf.ld = cols;
+        rf.cols = cols;
+        rf.col_offset = v0;
+        rf.carry = carry;
+        FLCE_RETURN_IF_ERROR(be->rows_forward(rf));
+      }
+      continue;
+    }
+
     // logits[rows, V] = x_chunk W^T
     FLCE_RETURN_IF_ERROR(
         be->gemm(make_gemm(rows, v, d, {x_chunk, p.x_row_stride, p.dtype, false},
@@ -269,23 +373,9 @@ Status run_forward(Device device, const ForwardParams& p) {
       }
     }
 
-    RowForwardArgs rf;
+    RowForwardArgs rf = row_forward_args(p, rows, t0, scalars, row_loss, lse, row_metrics);
     rf.logits = logits;
     rf.ld = v;
-    rf.logits_type = DType::kFloat32;
-    rf.rows = rows;
-    rf.vocab_size = v;
-    rf.row_offset = t0;
-    rf.bias = p.bias;
-    rf.bias_type = p.dtype;
-    rf.labels = p.labels;
-    rf.label_type = p.label_type;
-    rf.class_weight = p.class_weight;
-    rf.options = p.options;
-    rf.scalars = scalars;
-    rf.row_loss = row_loss;
-    rf.lse = lse;
-    rf.row_metrics = row_metrics;
     rf.dz = dz;
     rf.ldz = ldz;
     rf.dz_type = dz_type;
@@ -364,14 +454,19 @@ Status run_backward(Device device, const BackwardParams& p) {
   if (plan.backward_token_chunk < 1 || plan.backward_vocab_chunk < 1) {
     return invalid("plan.backward_token_chunk and plan.backward_vocab_chunk must be >= 1");
   }
+  if (plan.backward_order != BackwardOrder::kVocabOuter &&
+      plan.backward_order != BackwardOrder::kTokenOuter) {
+    return invalid("plan.backward_order must be vocab_outer or token_outer, got code " +
+                   std::to_string(static_cast<int>(plan.backward_order)));
+  }
 
   const Problem prob = problem_of(p);
   const BackendTraits traits = backend_traits(device);
+  FLCE_RETURN_IF_ERROR(check_gemm_scratch(plan, traits));
   const BackwardLayout l = backward_layout(prob, plan, traits);
   FLCE_RETURN_IF_ERROR(check_workspace(p.workspace, p.workspace_bytes, l.total));
   void* ws = p.workspace;
-  auto be = make_backend(device, l.gemm_scratch == kAbsent ? nullptr : at(ws, l.gemm_scratch),
-                         p.stream, p.allow_tf32);
+  auto be = make_backend(device, l, ws, plan, traits, p.stream, p.allow_tf32);
   if (!be) return Status::Error(StatusCode::kNotCompiled, "backend unavailable");
 
   if (n == 0) {
@@ -386,15 +481,65 @@ Status run_backward(Device device, const BackwardParams& p) {
 
   const DType dz_type = traits.dz_type(p.dtype);
   const int64_t bt = plan.backward_token_chunk, bv = plan.backward_vocab_chunk;
-  const bool one_token_block = bt >= n;
   float* logits = reinterpret_cast<float*>(at(ws, l.logits));
-  void* dx_target = p.grad_x;
-  DType dx_type = p.dtype;
-  if (p.grad_x && l.dx_accum != kAbsent) {
-    dx_target = at(ws, l.dx_accum);
-    dx_type = DType::kFloat32;
+  float* dx_accum = l.dx_accum == kAbsent ? nullptr : reinterpret_cast<float*>(at(ws, l.dx_accum));
+  float* db_accum = l.db_accum == kAbsent ? nullptr : reinterpret_cast<float*>(at(ws, l.db_accum));
+
+  if (token_outer(plan)) {
+    for (int64_t t0 = 0; t0 < n; t0 += bt) {
+      const int64_t rows = std::min(bt, n - t0);
+      const void* x_block = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
+      // dx of this token chunk: straight into the output when it is fp32 or when one vocabulary
+      // chunk covers V, else accumulated in fp32 and converted once.
+      void* dx_target = dx_accum ? static_cast<void*>(dx_accum)
+                                 : (p.grad_x ? offset_ptr(p.grad_x, t0 * d, p.dtype) : nullptr);
+      const DType dx_type = dx_accum ? DType::kFloat32 : p.dtype;
+      for (int64_t v0 = 0; v0 < v; v0 += bv) {
+        const int64_t cols = std::min(bv, v - v0);
+        const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
+        // logits[rows, cols] = x[t0:] W[v0:]^T, then dZ in place.
+        FLCE_RETURN_IF_ERROR(
+            be->gemm(make_gemm(rows, cols, d, {x_block, p.x_row_stride, p.dtype, false},
+                               {w_chunk, d, p.dtype, true}, logits, cols, DType::kFloat32, false)));
+        const int64_t ldz = in_place_ld(cols, dz_type);
+        FLCE_RETURN_IF_ERROR(be->rows_grad(
+            row_grad_args(p, scalars, logits, rows, cols, t0, v0, logits, ldz, dz_type)));
+        if (p.grad_x) {  // dx[chunk] (+)= dZ W[v0:v0+cols]
+          FLCE_RETURN_IF_ERROR(
+              be->gemm(make_gemm(rows, d, cols, {logits, ldz, dz_type, false},
+                                 {w_chunk, d, p.dtype, false}, dx_target, d, dx_type, v0 > 0)));
+        }
+        if (p.grad_weight) {  // dW[v0:v0+cols] (+)= dZ^T x[chunk], in dW's own dtype
+          FLCE_RETURN_IF_ERROR(
+              be->gemm(make_gemm(cols, d, rows, {logits, ldz, dz_type, true},
+                                 {x_block, p.x_row_stride, p.dtype, false},
+                                 offset_ptr(p.grad_weight, v0 * d, p.dtype), d, p.dtype, t0 > 0)));
+        }
+        if (p.grad_bias) {
+          ColumnSumArgs cs;
+          cs.block = logits;
+          cs.ld = ldz;
+          cs.type = dz_type;
+          cs.rows = rows;
+          cs.cols = cols;
+          cs.acc = db_accum + v0;
+          cs.accumulate = t0 > 0;
+          FLCE_RETURN_IF_ERROR(be->column_sum(cs));
+        }
+      }
+      if (dx_accum) {
+        FLCE_RETURN_IF_ERROR(
+            be->convert(dx_accum, offset_ptr(p.grad_x, t0 * d, p.dtype), p.dtype, rows * d));
+      }
+    }
+    if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->convert(db_accum, p.grad_bias, p.dtype, v));
+    return Status::Ok();
   }
 
+  // Vocabulary-outer.
+  const bool one_token_block = bt >= n;
+  void* dx_target = dx_accum ? static_cast<void*>(dx_accum) : p.grad_x;
+  const DType dx_type = dx_accum ? DType::kFloat32 : p.dtype;
   for (int64_t v0 = 0; v0 < v; v0 += bv) {
     const int64_t cols = std::min(bv, v - v0);
     const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
@@ -410,29 +555,9 @@ Status run_backward(Device device, const BackwardParams& p) {
       FLCE_RETURN_IF_ERROR(
           be->gemm(make_gemm(rows, cols, d, {x_block, p.x_row_stride, p.dtype, false},
                              {w_chunk, d, p.dtype, true}, logits, cols, DType::kFloat32, false)));
-
-      RowGradArgs rg;
-      rg.logits = logits;
-      rg.ld = cols;
-      rg.rows = rows;
-      rg.cols = cols;
-      rg.row_offset = t0;
-      rg.col_offset = v0;
-      rg.vocab_size = v;
-      rg.bias = p.bias;
-      rg.bias_type = p.dtype;
-      rg.labels = p.labels;
-      rg.label_type = p.label_type;
-      rg.class_weight = p.class_weight;
-      rg.options = p.options;
-      rg.scalars = scalars;
-      rg.lse = p.lse;
-      rg.grad_loss = p.grad_loss;
-      rg.grad_lse = p.grad_lse;
-      rg.dz = offset_ptr(dz_all, t0 * ldz, dz_type);
-      rg.ldz = ldz;
-      rg.dz_type = dz_type;
-      FLCE_RETURN_IF_ERROR(be->rows_grad(rg));
+      FLCE_RETURN_IF_ERROR(
+          be->rows_grad(row_grad_args(p, scalars, logits, rows, cols, t0, v0,
+                                      offset_ptr(dz_all, t0 * ldz, dz_type), ldz, dz_type)));
     }
 
     if (p.grad_weight) {  // dW[v0:v0+cols] = dZ^T x, written once
@@ -446,22 +571,19 @@ Status run_backward(Device device, const BackwardParams& p) {
                              {w_chunk, d, p.dtype, false}, dx_target, d, dx_type, v0 > 0)));
     }
     if (p.grad_bias) {
-      float* db = reinterpret_cast<float*>(at(ws, l.db_temp));
       ColumnSumArgs cs;
       cs.block = dz_all;
       cs.ld = ldz;
       cs.type = dz_type;
       cs.rows = n;
       cs.cols = cols;
-      cs.acc = db;
+      cs.acc = db_accum;
       FLCE_RETURN_IF_ERROR(be->column_sum(cs));
-      FLCE_RETURN_IF_ERROR(be->convert(db, offset_ptr(p.grad_bias, v0, p.dtype), p.dtype, cols));
+      FLCE_RETURN_IF_ERROR(
+          be->convert(db_accum, offset_ptr(p.grad_bias, v0, p.dtype), p.dtype, cols));
     }
   }
-  if (p.grad_x && l.dx_accum != kAbsent) {
-    FLCE_RETURN_IF_ERROR(
-        be->convert(reinterpret_cast<float*>(at(ws, l.dx_accum)), p.grad_x, p.dtype, n * d));
-  }
+  if (dx_accum) FLCE_RETURN_IF_ERROR(be->convert(dx_accum, p.grad_x, p.dtype, n * d));
   return Status::Ok();
 }
 
@@ -491,7 +613,7 @@ Status run_cross_entropy_logits(Device device, const LogitsParams& p) {
   const size_t need = logits_workspace_bytes(p.num_tokens);
   FLCE_RETURN_IF_ERROR(check_workspace(p.workspace, p.workspace_bytes, need));
   // No GEMM runs here, so no scratch is needed.
-  auto be = make_backend(device, nullptr, p.stream, false);
+  auto be = make_backend(device, nullptr, 0, p.stream, false);
   if (!be) return Status::Error(StatusCode::kNotCompiled, "backend unavailable");
 
   const int64_t n = p.num_tokens;
@@ -551,7 +673,7 @@ Status run_scale_in_place(Device device, const ScaleParams& p) {
   if (p.count == 0) return Status::Ok();
   if (p.data == nullptr) return invalid("data must not be null");
   if (p.scale == nullptr) return invalid("scale must not be null");
-  auto be = make_backend(device, nullptr, p.stream, false);
+  auto be = make_backend(device, nullptr, 0, p.stream, false);
   if (!be) return Status::Error(StatusCode::kNotCompiled, "backend unavailable");
   return be->scale(p.data, p.dtype, p.count, p.scale);
 }

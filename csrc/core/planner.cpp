@@ -1,5 +1,6 @@
 // Strategy and chunk choice: the one place where speed-versus-memory heuristics live.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -105,51 +106,196 @@ bool try_grad_in_forward(const Problem& p, size_t budget, const BackendTraits& t
   return false;
 }
 
-// Candidate chunks of the recompute strategy, largest first.
-std::vector<int64_t> forward_chunks(const Problem& p) {
-  const int64_t n = std::max<int64_t>(p.num_tokens, 1);
-  return descending(target_block_rows(p.vocab_size), std::min(n, kMinChunk), n);
+// The recompute strategy ------------------------------------------------------------------
+
+// Under small budgets the GEMM scratch competes with the logits blocks: the recompute search
+// gives it an eighth of the budget (the backend's preferred size from 256 MiB up), and retries
+// with the backend's minimum before giving up. (cuBLASLt with 4 MiB instead of 32 ran llama3's
+// 256 MiB plan 5 ms slower, 65 ms against 60; at a 60 MiB budget 7 and 4 MiB ran alike.)
+std::vector<size_t> recompute_scratch_sizes(size_t budget, const BackendTraits& t) {
+  const size_t mib = size_t(1) << 20;
+  const size_t share = std::clamp(budget / 8 / mib * mib, t.min_gemm_scratch_bytes,
+                                  std::max(t.gemm_scratch_bytes, t.min_gemm_scratch_bytes));
+  std::vector<size_t> out{share};
+  if (t.min_gemm_scratch_bytes != share) out.push_back(t.min_gemm_scratch_bytes);
+  return out;
 }
-std::vector<int64_t> backward_token_chunks(const Problem& p) {
+
+// A forward logits block of whole rows needs at least this many of them for full-speed GEMMs;
+// below, the rows are split into vocabulary blocks (statistics merged across them).
+constexpr int64_t kMinWholeRowChunk = 256;
+// Split forward blocks larger than this gain nothing (the GEMMs are at full speed).
+// Wide blocks matter more than tall ones: the row kernel merges and carries each row's statistics
+// once per block, which at 4096 columns cost 4.1 ms of llama3's forward against 2.2 ms for whole
+// rows.
+constexpr int64_t kSplitRowsCap = 1024;
+constexpr int64_t kSplitColsCap = kMaxVocabChunk;
+
+// Calls f(plan) for every forward block of the recompute strategy: whole rows first
+// (most rows first), then blocks that split rows.
+template <typename F>
+void for_each_recompute_forward(const Problem& p, Plan plan, F&& f) {
+  const int64_t n = std::max<int64_t>(p.num_tokens, 1), v = p.vocab_size;
+  plan.forward_vocab_chunk = 0;
+  for (int64_t c : descending(target_block_rows(v), std::min(n, kMinWholeRowChunk), n)) {
+    plan.forward_token_chunk = c;
+    f(plan);
+  }
+  for (int64_t rows : descending(std::min(n, kSplitRowsCap), std::min(n, kMinChunk), n)) {
+    for (int64_t cols : descending(kMaxVocabChunk, std::min(v, kMinChunk), v)) {
+      plan.forward_token_chunk = rows;
+      plan.forward_vocab_chunk = cols >= v ? 0 : cols;
+      f(plan);
+    }
+  }
+}
+
+// Chooses the recompute forward's block in `budget`: whole rows when at least kMinWholeRowChunk
+// of them fit (or all N), else the largest block up to [kSplitRowsCap, kSplitColsCap].
+bool pick_recompute_forward(const Problem& p, size_t budget, const BackendTraits& t, Plan* plan) {
+  bool whole = false;
+  int64_t best_score = -1;
+  Plan best = *plan;
+  for_each_recompute_forward(p, *plan, [&](const Plan& trial) {
+    if (whole || forward_bytes(p, trial, t) > budget) return;
+    const int64_t n = std::max<int64_t>(p.num_tokens, 1);
+    if (trial.forward_vocab_chunk == 0 &&
+        trial.forward_token_chunk >= std::min(n, kMinWholeRowChunk)) {
+      whole = true;  // the first whole-row block that fits has the most rows
+      best = trial;
+      return;
+    }
+    const int64_t cols = trial.forward_vocab_chunk == 0 ? p.vocab_size : trial.forward_vocab_chunk;
+    const int64_t score =
+        std::min(trial.forward_token_chunk, kSplitRowsCap) * std::min(cols, kSplitColsCap);
+    if (score > best_score) {
+      best_score = score;
+      best = trial;
+    }
+  });
+  if (!whole && best_score < 0) return false;
+  *plan = best;
+  return true;
+}
+
+// Predicted cost of a recompute backward, in bytes of memory traffic beyond what every order
+// moves (the logits blocks themselves): accumulator read-modify-writes, plus a fixed charge per
+// block for its four launches and the GEMMs' ramp-up and tail (about 10 us on an H100).
+constexpr double kBlockOverheadBytes = 32.0 * (1 << 20);
+double backward_cost(const Problem& p, const Plan& plan) {
+  const double n = static_cast<double>(std::max<int64_t>(p.num_tokens, 1));
+  const double v = static_cast<double>(p.vocab_size), d = static_cast<double>(p.hidden_size);
+  const double token_chunks = std::ceil(n / static_cast<double>(plan.backward_token_chunk));
+  const double vocab_chunks = std::ceil(v / static_cast<double>(plan.backward_vocab_chunk));
+  double cost = token_chunks * vocab_chunks * kBlockOverheadBytes;
+  if (p.needs_grad_x) cost += (vocab_chunks - 1.0) * n * d * 2.0 * sizeof(float);
+  if (p.needs_grad_weight && plan.backward_order == BackwardOrder::kTokenOuter) {
+    cost += (token_chunks - 1.0) * v * d * 2.0 * static_cast<double>(dtype_size(p.dtype));
+  }
+  return cost;
+}
+
+// Token-outer accumulates dW in its own dtype once per token chunk, so 16-bit dW is rounded once
+// per chunk. Measured on an H100 (bench, LM data, bf16) against float64: dW error 2.3-2.5e-3 with
+// one rounding, 2.9-3.0e-3 with 3-5 chunks, 3.4e-3 with 6 and 3.8e-3 with 8 (bench/NOTES.md);
+// the target is 3e-3, so at most 4.
+constexpr int64_t kMaxDwRoundings16 = 4;
+
+// Token chunks for the token-outer order: N split evenly into 1..kMaxDwRoundings16 chunks (rounded
+// up to a multiple of 64 rows), then halving when the rounding count is not limited.
+std::vector<int64_t> token_outer_chunks(const Problem& p) {
+  const int64_t n = std::max<int64_t>(p.num_tokens, 1);
+  std::vector<int64_t> out;
+  for (int64_t k = 1; k <= kMaxDwRoundings16; ++k) {
+    const int64_t c = std::min(n, ((n + k - 1) / k + 63) / 64 * 64);
+    if (std::find(out.begin(), out.end(), c) == out.end()) out.push_back(c);
+  }
+  const bool limited = p.needs_grad_weight && p.dtype != DType::kFloat32;
+  if (!limited) {
+    for (int64_t c : descending(out.back() / 2, std::min(n, kMinChunk), n)) {
+      if (c < out.back()) out.push_back(c);
+    }
+  }
+  return out;
+}
+
+// Vocabulary chunks, largest first: multiples of 256 down to 256, then halving to 16.
+std::vector<int64_t> vocab_chunks(const Problem& p) {
+  const int64_t v = p.vocab_size;
+  std::vector<int64_t> out;
+  for (int64_t c = std::min(v, kMaxVocabChunk); c >= 256; c = (c - 1) / 256 * 256) {
+    out.push_back(c);
+  }
+  for (int64_t c : descending(128, std::min(v, kMinChunk), v)) {
+    if (out.empty() || c < out.back()) out.push_back(c);
+  }
+  return out;
+}
+
+std::vector<int64_t> vocab_outer_token_chunks(const Problem& p) {
   const int64_t n = std::max<int64_t>(p.num_tokens, 1);
   return descending(n, std::min(n, kMinChunk), n);
 }
-std::vector<int64_t> backward_vocab_chunks(const Problem& p) {
-  return descending(kMaxVocabChunk, std::min(p.vocab_size, kMinChunk), p.vocab_size);
+
+// Calls f(plan) for every backward block shape of both orders (widest vocabulary chunk first
+// within each token chunk).
+template <typename F>
+void for_each_backward(const Problem& p, Plan plan, F&& f) {
+  const std::vector<int64_t> bvs = vocab_chunks(p);
+  plan.backward_order = BackwardOrder::kVocabOuter;
+  for (int64_t bt : vocab_outer_token_chunks(p)) {
+    for (int64_t bv : bvs) {
+      plan.backward_token_chunk = bt;
+      plan.backward_vocab_chunk = bv;
+      if (!f(plan)) break;
+    }
+  }
+  plan.backward_order = BackwardOrder::kTokenOuter;
+  for (int64_t bt : token_outer_chunks(p)) {
+    for (int64_t bv : bvs) {
+      plan.backward_token_chunk = bt;
+      plan.backward_vocab_chunk = bv;
+      if (!f(plan)) break;
+    }
+  }
+}
+
+// The cheapest backward (backward_cost) that fits; the vocabulary-outer order wins ties.
+bool pick_recompute_backward(const Problem& p, size_t budget, const BackendTraits& t, Plan* plan) {
+  bool found = false;
+  double best_cost = 0.0;
+  Plan best = *plan;
+  for_each_backward(p, *plan, [&](const Plan& trial) {
+    if (backward_bytes(p, trial, t) > budget) return true;  // try a narrower chunk
+    const double cost = backward_cost(p, trial);
+    if (!found || cost < best_cost) {
+      found = true;
+      best_cost = cost;
+      best = trial;
+    }
+    return false;  // narrower chunks at this token chunk only cost more
+  });
+  if (found) *plan = best;
+  return found;
 }
 
 bool try_recompute(const Problem& p, size_t budget, const BackendTraits& t, Plan* out) {
-  Plan plan;
-  plan.strategy = Strategy::kRecompute;
-  int64_t fwd = 0;
-  for (int64_t c : forward_chunks(p)) {
-    plan.forward_token_chunk = c;
-    if (forward_bytes(p, plan, t) <= budget) {
-      fwd = c;
-      break;
-    }
-  }
-  if (fwd == 0) return false;
-  plan.forward_token_chunk = fwd;
-  // Backward: prefer all tokens in one block (dZ in place, each vocabulary slice done in one
-  // pass), then the widest vocabulary chunk (fewer fp32 dx accumulations).
-  for (int64_t bt : backward_token_chunks(p)) {
-    for (int64_t bv : backward_vocab_chunks(p)) {
-      plan.backward_token_chunk = bt;
-      plan.backward_vocab_chunk = bv;
-      if (backward_bytes(p, plan, t) <= budget) {
-        *out = plan;
-        return true;
-      }
-    }
+  const bool any_grad = p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias;
+  for (size_t scratch : recompute_scratch_sizes(budget, t)) {
+    Plan plan;
+    plan.strategy = Strategy::kRecompute;
+    plan.gemm_scratch_bytes = scratch;
+    if (!pick_recompute_forward(p, budget, t, &plan)) continue;
+    if (any_grad && !pick_recompute_backward(p, budget, t, &plan)) continue;
+    *out = plan;
+    return true;
   }
   return false;
 }
 
 // The smallest budget the search accepts with the strategies it may use: the smallest candidate
-// of grad-in-forward, and for recompute the smallest forward chunk with the smallest backward over
-// every block shape (one token block without a dZ gather can be smaller than the smallest
-// blocks, so all are compared).
+// of grad-in-forward, and for recompute the smallest forward block with the smallest backward,
+// both with the backend's smallest GEMM scratch.
 size_t minimum_budget(const Problem& p, const BackendTraits& t, bool gif, bool recompute) {
   size_t best = ~size_t(0);
   if (gif) {
@@ -160,16 +306,15 @@ size_t minimum_budget(const Problem& p, const BackendTraits& t, bool gif, bool r
   if (recompute) {
     Plan plan;
     plan.strategy = Strategy::kRecompute;
-    plan.forward_token_chunk = forward_chunks(p).back();
-    const size_t fwd = forward_bytes(p, plan, t);
+    plan.gemm_scratch_bytes = t.min_gemm_scratch_bytes;
+    size_t fwd = ~size_t(0);
+    for_each_recompute_forward(
+        p, plan, [&](const Plan& trial) { fwd = std::min(fwd, forward_bytes(p, trial, t)); });
     size_t bwd = ~size_t(0);
-    for (int64_t bt : backward_token_chunks(p)) {
-      for (int64_t bv : backward_vocab_chunks(p)) {
-        plan.backward_token_chunk = bt;
-        plan.backward_vocab_chunk = bv;
-        bwd = std::min(bwd, backward_bytes(p, plan, t));
-      }
-    }
+    for_each_backward(p, plan, [&](const Plan& trial) {
+      bwd = std::min(bwd, backward_bytes(p, trial, t));
+      return true;
+    });
     best = std::min(best, std::max(fwd, bwd));
   }
   return best;

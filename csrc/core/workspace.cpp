@@ -1,5 +1,7 @@
 #include "workspace.h"
 
+#include <algorithm>
+
 #include "row_math.h"
 
 namespace flce::detail {
@@ -33,7 +35,9 @@ ForwardLayout forward_layout(const Problem& p, const Plan& plan, const BackendTr
   if (p.reduction != Reduction::kNone) l.row_loss = c.take(f32(n));
   l.lse = c.take(f32(n));
   l.row_metrics = c.take(f32(n * kNumRowMetrics));
-  l.logits = c.take(f32(plan.forward_token_chunk * v));
+  const int64_t cols = forward_cols(p, plan);
+  l.logits = c.take(f32(plan.forward_token_chunk * cols));
+  if (cols < v) l.row_carry = c.take(static_cast<size_t>(n) * sizeof(RowCarry));
   const bool grads = plan.strategy == Strategy::kGradInForward &&
                      (p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias);
   if (grads) {
@@ -44,7 +48,8 @@ ForwardLayout forward_layout(const Problem& p, const Plan& plan, const BackendTr
     if (needs_dw_accumulator(p, plan)) l.dw_accum = c.take(f32(v * d));
     if (p.needs_grad_bias) l.db_accum = c.take(f32(v));
   }
-  if (traits.gemm_scratch_bytes > 0) l.gemm_scratch = c.take(traits.gemm_scratch_bytes);
+  const size_t scratch = gemm_scratch_bytes(plan, traits);
+  if (scratch > 0) l.gemm_scratch = c.take(scratch);
   l.total = c.total();
   return l;
 }
@@ -60,12 +65,19 @@ BackwardLayout backward_layout(const Problem& p, const Plan& plan, const Backend
   const int64_t bt = plan.backward_token_chunk, bv = plan.backward_vocab_chunk;
   l.scalars = c.take(f32(kNumScalars));
   l.logits = c.take(f32(bt * bv));
-  if (bt < n) {
-    l.dz_vocab = c.take(static_cast<size_t>(n) * bv * dtype_size(traits.dz_type(p.dtype)));
+  if (token_outer(plan)) {
+    // dZ overwrites each block in place; dx of one token chunk and db of all columns accumulate.
+    if (needs_dx_accumulator(p, plan)) l.dx_accum = c.take(f32(std::min(bt, n) * d));
+    if (p.needs_grad_bias) l.db_accum = c.take(f32(p.vocab_size));
+  } else {
+    if (bt < n) {
+      l.dz_vocab = c.take(static_cast<size_t>(n) * bv * dtype_size(traits.dz_type(p.dtype)));
+    }
+    if (needs_dx_accumulator(p, plan)) l.dx_accum = c.take(f32(n * d));
+    if (p.needs_grad_bias) l.db_accum = c.take(f32(bv));
   }
-  if (needs_dx_accumulator(p, plan)) l.dx_accum = c.take(f32(n * d));
-  if (p.needs_grad_bias) l.db_temp = c.take(f32(bv));
-  if (traits.gemm_scratch_bytes > 0) l.gemm_scratch = c.take(traits.gemm_scratch_bytes);
+  const size_t scratch = gemm_scratch_bytes(plan, traits);
+  if (scratch > 0) l.gemm_scratch = c.take(scratch);
   l.total = c.total();
   return l;
 }

@@ -21,7 +21,8 @@ struct ForwardLayout {
   size_t row_loss = kAbsent;     // float[N] (mean / sum; none writes the output directly)
   size_t lse = kAbsent;          // float[N] (when the caller passed no lse output)
   size_t row_metrics = kAbsent;  // float[N, kNumRowMetrics]
-  size_t logits = kAbsent;       // float[forward_token_chunk, V]
+  size_t logits = kAbsent;       // float[forward_token_chunk, forward columns]
+  size_t row_carry = kAbsent;    // RowCarry[N] (when blocks split rows)
   size_t dz_group = kAbsent;     // dz_type[dw_group_tokens, V] (when the group spans chunks)
   size_t dw_accum = kAbsent;     // float[V, D]
   size_t db_accum = kAbsent;     // float[V]
@@ -33,8 +34,9 @@ struct BackwardLayout {
   size_t scalars = kAbsent;
   size_t logits = kAbsent;    // float[backward_token_chunk, backward_vocab_chunk]
   size_t dz_vocab = kAbsent;  // dz_type[N, backward_vocab_chunk] (when token blocks < N)
-  size_t dx_accum = kAbsent;  // float[N, D] (when the vocabulary takes several chunks)
-  size_t db_temp = kAbsent;   // float[backward_vocab_chunk]
+  size_t dx_accum = kAbsent;  // float[N or backward_token_chunk (token-outer), D] (when the
+                              // vocabulary takes several chunks)
+  size_t db_accum = kAbsent;  // float[backward_vocab_chunk] (vocabulary-outer) or float[V]
   size_t gemm_scratch = kAbsent;
   size_t total = 0;
 };
@@ -46,6 +48,18 @@ BackwardLayout backward_layout(const Problem& problem, const Plan& plan,
 // The parts of a plan that decide the layout, shared by the layout and the driver.
 inline bool dz_in_place(const Plan& plan) {
   return plan.dw_group_tokens <= plan.forward_token_chunk;
+}
+// Columns of a forward logits block.
+inline int64_t forward_cols(const Problem& p, const Plan& plan) {
+  return plan.forward_vocab_chunk > 0 && plan.forward_vocab_chunk < p.vocab_size
+             ? plan.forward_vocab_chunk
+             : p.vocab_size;
+}
+inline bool token_outer(const Plan& plan) {
+  return plan.backward_order == BackwardOrder::kTokenOuter;
+}
+inline size_t gemm_scratch_bytes(const Plan& plan, const BackendTraits& traits) {
+  return plan.gemm_scratch_bytes > 0 ? plan.gemm_scratch_bytes : traits.gemm_scratch_bytes;
 }
 inline bool needs_dw_accumulator(const Problem& p, const Plan& plan) {
   return p.needs_grad_weight && plan.dw_group_tokens < p.num_tokens && p.dtype != DType::kFloat32;

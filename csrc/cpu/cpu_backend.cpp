@@ -44,6 +44,7 @@ BackendTraits cpu_traits() {
   BackendTraits t;
   t.dz_type = &cpu_dz_type;
   t.gemm_scratch_bytes = cpu::kGemmScratchBytes;
+  t.min_gemm_scratch_bytes = cpu::kGemmScratchBytes;  // its panels have a fixed size
   return t;
 }
 

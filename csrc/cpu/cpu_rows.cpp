@@ -143,11 +143,20 @@ Status prepare(const PrepareArgs& a) {
 Status rows_forward(const RowForwardArgs& a) {
   if (a.rows <= 0) return Status::Ok();
   const int64_t v = a.vocab_size;
+  const int64_t cols = a.cols > 0 ? a.cols : v;
+  const int64_t col0 = a.col_offset;
+  if (col0 < 0 || col0 + cols > v || (cols < v && (a.carry == nullptr || a.dz != nullptr))) {
+    return Status::Error(StatusCode::kInvalidArgument,
+                         "rows_forward: columns [" + std::to_string(col0) + ", " +
+                             std::to_string(col0 + cols) + ") must lie in [0, " +
+                             std::to_string(v) + "), and part of a row needs carry and no dz");
+  }
   const int threads = max_threads();
   RowBuffers buf;
-  Status s = allocate(&buf, v, threads, a.bias, a.bias_type, 0);
+  Status s = allocate(&buf, cols, threads, a.bias, a.bias_type, col0);
   if (!s.ok()) return s;
   const float* bias = a.bias ? buf.bias.data() : nullptr;
+  const float* cw = a.class_weight ? a.class_weight + col0 : nullptr;
   const LossOptions o = a.options;
   const float weight_sum = a.scalars[kScalarWeightSum];
   const float inv_den = a.scalars[kScalarInvDenominator];
@@ -157,17 +166,34 @@ Status rows_forward(const RowForwardArgs& a) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t r = 0; r < a.rows; ++r) {
     const int64_t row = a.row_offset + r;
-    float* z = buf.z.data() + static_cast<size_t>(thread_id()) * v;
+    float* z = buf.z.data() + static_cast<size_t>(thread_id()) * cols;
     // The whole row is read into z before any dz element is written, which is what makes dz
     // aliasing the logits safe.
-    transformed_row(static_cast<const char*>(a.logits) + r * a.ld * in_size, a.logits_type, bias, v,
-                    o, z);
-    const RowState st = row_statistics(z, a.class_weight, v);
-    const float lse = st.lse();
+    transformed_row(static_cast<const char*>(a.logits) + r * a.ld * in_size, a.logits_type, bias,
+                    cols, o, z);
+    RowState st = row_statistics(z, cw, cols);
+    st.argmax = st.argmax < 0 ? -1 : st.argmax + col0;
     const int64_t y = label_at(a.labels, a.label_type, row);
+    const bool label_here = y >= col0 && y < col0 + cols;
+    float z_target = label_here ? z[y - col0] : NAN;
+    if (a.carry) {  // a row split across vocabulary blocks, walked in column order
+      RowCarry& carried = a.carry[row];
+      if (col0 > 0) {
+        RowState before = carried.state;
+        before.merge(st);
+        st = before;
+        if (!label_here) z_target = carried.target_z;
+      }
+      if (col0 + cols < v) {
+        carried.state = st;
+        carried.target_z = z_target;
+        continue;
+      }
+    }
+    const float lse = st.lse();
     const bool valid = label_is_valid(y, o.ignore_index);
     const float w_target = valid ? (a.class_weight ? a.class_weight[y] : 1.0f) : 0.0f;
-    a.row_loss[row] = valid ? row_loss(lse, z[y], w_target, st.sum_wz, weight_sum, v, o) : 0.0f;
+    a.row_loss[row] = valid ? row_loss(lse, z_target, w_target, st.sum_wz, weight_sum, v, o) : 0.0f;
     a.lse[row] = lse;
     if (a.row_metrics) {
       float* m = a.row_metrics + row * kNumRowMetrics;
@@ -177,7 +203,7 @@ Status rows_forward(const RowForwardArgs& a) {
       m[kRowLseSquared] = valid ? lse * lse : 0.0f;
       m[kRowCorrect] = valid && st.argmax == y ? 1.0f : 0.0f;
     }
-    if (a.dz) {
+    if (a.dz) {  // whole rows only (checked above)
       const float g = valid ? row_upstream(o.reduction, a.grad_loss, row, inv_den) : 0.0f;
       const float g_lse = a.grad_lse ? a.grad_lse[row] : 0.0f;
       const GradCoefs k = grad_coefs(valid, g, g_lse, lse, w_target, weight_sum, v, o);

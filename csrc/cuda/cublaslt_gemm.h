@@ -13,6 +13,9 @@ namespace flce::detail::cuda {
 // The cuBLASLt workspace: what NVIDIA recommends for Hopper (smaller ones exclude some split-K
 // and stream-K kernels).
 constexpr size_t kCublasLtWorkspaceBytes = size_t(32) << 20;
+// What the planner may lower it to under a small memory budget (the blocks are small then, and
+// their GEMMs ran as fast with it on an H100; larger ones lose some kernels: planner.cpp).
+constexpr size_t kMinCublasLtWorkspaceBytes = size_t(4) << 20;
 
 // Runs C = alpha op(A) op(B) + beta C on `stream`. A and B share a dtype; C is fp32 or that dtype.
 // `workspace` (workspace_bytes, 256-byte aligned, may be null with 0 bytes) is used by cuBLASLt

@@ -16,12 +16,14 @@ namespace {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(cudaStream_t stream, bool allow_tf32, void* gemm_scratch)
-      : stream_(stream), allow_tf32_(allow_tf32), gemm_scratch_(gemm_scratch) {}
+  CudaBackend(cudaStream_t stream, bool allow_tf32, void* gemm_scratch, size_t gemm_scratch_bytes)
+      : stream_(stream),
+        allow_tf32_(allow_tf32),
+        gemm_scratch_(gemm_scratch),
+        gemm_scratch_bytes_(gemm_scratch ? gemm_scratch_bytes : 0) {}
 
   Status gemm(const GemmArgs& args) override {
-    return cuda::cublaslt_gemm(args, stream_, gemm_scratch_,
-                               gemm_scratch_ ? cuda::kCublasLtWorkspaceBytes : 0, allow_tf32_);
+    return cuda::cublaslt_gemm(args, stream_, gemm_scratch_, gemm_scratch_bytes_, allow_tf32_);
   }
   Status prepare(const PrepareArgs& args) override { return cuda::launch_prepare(args, stream_); }
   Status rows_forward(const RowForwardArgs& args) override {
@@ -55,7 +57,8 @@ class CudaBackend final : public Backend {
  private:
   cudaStream_t stream_;
   bool allow_tf32_;
-  void* gemm_scratch_;  // kCublasLtWorkspaceBytes carved from the caller's workspace, or null
+  void* gemm_scratch_;  // the cuBLASLt workspace carved from the caller's workspace, or null
+  size_t gemm_scratch_bytes_;
 };
 
 // dZ blocks stay in the input dtype: they feed bf16 / fp16 tensor-core GEMMs and take half the
@@ -68,11 +71,14 @@ BackendTraits cuda_traits() {
   BackendTraits t;
   t.dz_type = &cuda_dz_type;
   t.gemm_scratch_bytes = cuda::kCublasLtWorkspaceBytes;
+  t.min_gemm_scratch_bytes = cuda::kMinCublasLtWorkspaceBytes;
   return t;
 }
 
-std::unique_ptr<Backend> make_cuda_backend(void* stream, bool allow_tf32, void* gemm_scratch) {
-  return std::make_unique<CudaBackend>(static_cast<cudaStream_t>(stream), allow_tf32, gemm_scratch);
+std::unique_ptr<Backend> make_cuda_backend(void* stream, bool allow_tf32, void* gemm_scratch,
+                                           size_t gemm_scratch_bytes) {
+  return std::make_unique<CudaBackend>(static_cast<cudaStream_t>(stream), allow_tf32, gemm_scratch,
+                                       gemm_scratch_bytes);
 }
 
 bool cuda_compiled() { return true; }

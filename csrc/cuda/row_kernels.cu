@@ -2,7 +2,8 @@
 //
 // rows_forward: pass 1 walks the whole row once, each thread keeping an online-softmax RowState
 // that the block merges; thread 0 then finishes the row (LSE, loss, metrics, gradient
-// coefficients). Pass 2, when a gradient is wanted, walks the row again and writes dZ.
+// coefficients). Pass 2, when a gradient is wanted, walks the row again and writes dZ. A row split
+// across vocabulary blocks (no gradient) leaves its merged state in a RowCarry for the next block.
 // rows_grad: the LSE is known, so only the dZ pass runs.
 //
 // dZ may overwrite the logits in place with a narrower type (fp32 logits, 16-bit dZ with
@@ -107,15 +108,14 @@ __device__ __forceinline__ bool all_zero(const GradCoefs& k) {
 }
 
 // Finishes row `row` of a rows_forward call from its merged statistics (thread 0 of the row's
-// block): loss, LSE and metrics (x is the row's raw logits, read at the label), and the
+// block): loss, LSE and metrics (z_target: the transformed logit at the label), and the
 // coefficients of its gradient.
-template <typename LogitT>
 __device__ __forceinline__ RowGrad finish_forward_row(const RowForwardArgs& a, int64_t row,
-                                                      const RowState& st, const LogitT* x) {
+                                                      int64_t label, const RowState& st,
+                                                      float z_target) {
   const LossOptions& o = a.options;
   const int64_t vocab = a.vocab_size;
   const float lse = st.lse();
-  const int64_t label = load_label(a.labels, a.label_type, row);
   const bool valid = label_is_valid(label, o.ignore_index);
   const bool in_range = label_in_range(label, vocab);
   // An out-of-range label has no target logit or weight: NaN makes the row's loss (and its
@@ -123,12 +123,6 @@ __device__ __forceinline__ RowGrad finish_forward_row(const RowForwardArgs& a, i
   const float w_target =
       in_range ? (a.class_weight != nullptr ? a.class_weight[label] : 1.0f) : NAN;
   const float weight_sum = a.scalars[kScalarWeightSum];
-  float z_target = NAN;
-  if (in_range) {
-    float raw = to_float(x[label]);
-    if (a.bias != nullptr) raw += load_dynamic(a.bias, a.bias_type, label);
-    z_target = transform_logit(raw, o.logit_scale, o.softcap);
-  }
   a.row_loss[row] =
       valid ? row_loss(lse, z_target, w_target, st.sum_wz, weight_sum, vocab, o) : 0.0f;
   a.lse[row] = lse;
@@ -282,32 +276,63 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSm)
   const int64_t r = blockIdx.x;
   const int64_t row = a.row_offset + r;
   const int64_t vocab = a.vocab_size;
+  const int64_t cols = a.cols > 0 ? a.cols : vocab;
+  const int64_t col0 = a.col_offset;
   const LogitT* x = static_cast<const LogitT*>(a.logits) + r * a.ld;
   const LossOptions& o = a.options;
   const int64_t tile = static_cast<int64_t>(blockDim.x) * kElemsPerThread;
 
   // Pass 1: online softmax statistics of the transformed logits.
   RowState st;
-  for (int64_t t0 = 0; t0 < vocab; t0 += tile) {
+  for (int64_t t0 = 0; t0 < cols; t0 += tile) {
     float v[kElemsPerThread];
-    load_tile<LogitT, VEC>(x, t0, vocab, a.bias, a.bias_type, 0, v);
+    load_tile<LogitT, VEC>(x, t0, cols, a.bias, a.bias_type, col0, v);
     float w[kElemsPerThread];
-    load_class_weights<VEC>(a.class_weight, t0, vocab, 0, w);
+    load_class_weights<VEC>(a.class_weight, t0, cols, col0, w);
 #pragma unroll
     for (int j = 0; j < kElemsPerThread / VEC; ++j) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const int64_t c = vec_column(t0, j, VEC) + i;
-        if (c < vocab)
-          st.add(transform_logit(v[j * VEC + i], o.logit_scale, o.softcap), w[j * VEC + i], c);
+        if (c < cols) {
+          st.add(transform_logit(v[j * VEC + i], o.logit_scale, o.softcap), w[j * VEC + i],
+                 col0 + c);
+        }
       }
     }
   }
   st = block_merge(st, reinterpret_cast<RowState*>(merge_smem));
 
   if (threadIdx.x == 0) {
-    const RowGrad rg = finish_forward_row(a, row, st, x);
-    if (a.dz != nullptr) row_grad = rg;
+    const int64_t label = load_label(a.labels, a.label_type, row);
+    const bool label_here = label >= col0 && label < col0 + cols;
+    // NaN for a label out of range: the row's loss (and gradient) is then NaN, never silently
+    // wrong.
+    float z_target = NAN;
+    if (label_here) {
+      float raw = to_float(x[label - col0]);
+      if (a.bias != nullptr) raw += load_dynamic(a.bias, a.bias_type, label);
+      z_target = transform_logit(raw, o.logit_scale, o.softcap);
+    }
+    bool finish = true;
+    if (a.carry != nullptr) {  // a row split across vocabulary blocks, walked in column order
+      RowCarry& carried = a.carry[row];
+      if (col0 > 0) {
+        RowState before = carried.state;
+        before.merge(st);
+        st = before;
+        if (!label_here) z_target = carried.target_z;
+      }
+      if (col0 + cols < vocab) {
+        carried.state = st;
+        carried.target_z = z_target;
+        finish = false;
+      }
+    }
+    if (finish) {
+      const RowGrad rg = finish_forward_row(a, row, label, st, z_target);
+      if (a.dz != nullptr) row_grad = rg;
+    }
   }
   if (a.dz == nullptr) return;  // uniform across the block
   __syncthreads();
@@ -358,9 +383,17 @@ Status launch_rows_forward(const RowForwardArgs& a, cudaStream_t stream) {
     return invalid("rows_forward: rows must be in [0, " + std::to_string(INT_MAX) + "], got " +
                    std::to_string(a.rows));
   }
-  if (a.vocab_size < 1 || a.ld < a.vocab_size) {
-    return invalid("rows_forward: need vocab_size >= 1 and ld >= vocab_size, got vocab_size " +
-                   std::to_string(a.vocab_size) + ", ld " + std::to_string(a.ld));
+  const int64_t cols = a.cols > 0 ? a.cols : a.vocab_size;
+  if (a.vocab_size < 1 || a.cols < 0 || a.col_offset < 0 || a.col_offset + cols > a.vocab_size ||
+      a.ld < cols) {
+    return invalid(
+        "rows_forward: need vocab_size >= 1, columns [col_offset, col_offset + cols) within it "
+        "and ld >= cols, got vocab_size " +
+        std::to_string(a.vocab_size) + ", col_offset " + std::to_string(a.col_offset) + ", cols " +
+        std::to_string(a.cols) + ", ld " + std::to_string(a.ld));
+  }
+  if (cols < a.vocab_size && (a.carry == nullptr || a.dz != nullptr)) {
+    return invalid("rows_forward: a block of part of each row needs carry and no dz");
   }
   if (!a.logits || !a.labels || !a.scalars || !a.row_loss || !a.lse) {
     return invalid("rows_forward: logits, labels, scalars, row_loss and lse must not be null");
@@ -369,16 +402,20 @@ Status launch_rows_forward(const RowForwardArgs& a, cudaStream_t stream) {
     return invalid("rows_forward: ldz must be >= vocab_size (" + std::to_string(a.vocab_size) +
                    "), got " + std::to_string(a.ldz));
   }
-  const int threads = row_threads(a.vocab_size);
+  const int threads = row_threads(cols);
   return dispatch_dtype(a.logits_type, [&](auto logit_tag) {
     using LogitT = typename decltype(logit_tag)::type;
     return dispatch_dtype(a.dz_type, [&](auto dz_tag) {
       using DzT = typename decltype(dz_tag)::type;
       constexpr int kVec = 16 / sizeof(LogitT);
+      const size_t bias_size = dtype_size(a.bias_type);
       const bool vec =
           is_aligned(a.logits, kVec * sizeof(LogitT)) && a.ld % kVec == 0 &&
-          (a.bias == nullptr || is_aligned(a.bias, kVec * dtype_size(a.bias_type))) &&
-          (a.class_weight == nullptr || is_aligned(a.class_weight, kVec * sizeof(float))) &&
+          (a.bias == nullptr ||
+           is_aligned(static_cast<const char*>(a.bias) + a.col_offset * bias_size,
+                      kVec * bias_size)) &&
+          (a.class_weight == nullptr ||
+           is_aligned(a.class_weight + a.col_offset, kVec * sizeof(float))) &&
           (a.dz == nullptr || (is_aligned(a.dz, kVec * sizeof(DzT)) && a.ldz % kVec == 0));
       const dim3 grid(static_cast<unsigned>(a.rows));
       if (vec) {

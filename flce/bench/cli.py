@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--recompute-budget",
         type=int,
         default=DEFAULT_RECOMPUTE_BUDGET,
-        help="memory_budget in bytes for flce_recompute (default 256 MiB)",
+        help="memory_budget in bytes for flce_recompute (default 60 MiB)",
     )
     p.add_argument(
         "--no-forward-only", action="store_true", help="skip the torch.no_grad forward measurements"

@@ -18,7 +18,9 @@ from .data import IGNORE_INDEX
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-DEFAULT_RECOMPUTE_BUDGET = 256 << 20
+# The lean target is <= 64 MiB beyond the gradients; the workspace budget leaves room for the
+# O(N) outputs (lse, per-token loss) the op also keeps.
+DEFAULT_RECOMPUTE_BUDGET = 60 << 20
 
 
 class Unavailable(Exception):

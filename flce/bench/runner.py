@@ -11,7 +11,15 @@ import torch
 
 from .data import Shape, make_inputs
 from .measure import PeakMemory, describe_error, free_memory, is_oom, time_runs
-from .methods import FLCE_METHODS, METHODS, Options, Unavailable, compiled_torch_ce, flce_plan
+from .methods import (
+    DEFAULT_RECOMPUTE_BUDGET,
+    FLCE_METHODS,
+    METHODS,
+    Options,
+    Unavailable,
+    compiled_torch_ce,
+    flce_plan,
+)
 from .reference import Reference, reference, relative_error
 
 GiB = float(1 << 30)
@@ -24,7 +32,7 @@ class Settings:
     iters: int = 7
     forward_only: bool = True
     softcap: float | None = None
-    recompute_budget: int = 256 << 20
+    recompute_budget: int = DEFAULT_RECOMPUTE_BUDGET
     scaling_iters: int = 3
     seed: int = 0
 

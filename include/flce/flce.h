@@ -34,9 +34,21 @@ enum class Strategy : int32_t {
   // Gradients are computed during the forward pass (6NVD flops): per token chunk, logits, then
   // loss and dZ in place, then dx for the chunk and dW. Backward only rescales.
   kGradInForward = 1,
-  // The forward keeps only the per-token LSE (2NVD); the backward recomputes the logits per
-  // vocabulary chunk (6NVD) so each dW slice is written once: O(N) memory beyond a chunk.
+  // The forward keeps only the per-token LSE (2NVD); the backward recomputes the logits block by
+  // block (6NVD): O(N) memory beyond a block (and, in the vocabulary-outer order, an fp32 dx).
   kRecompute = 2,
+};
+
+// The loop order of the recompute backward.
+enum class BackwardOrder : int32_t {
+  // For each vocabulary chunk, dZ of all N tokens, so each dW slice is written once and dx
+  // accumulates over the chunks (in an fp32 [N, D] workspace unless dx is fp32).
+  kVocabOuter = 0,
+  // For each token chunk, every vocabulary chunk: dx of the chunk accumulates in an fp32
+  // [chunk, D] workspace and is written once; dW accumulates over the token chunks in its own
+  // dtype (the planner keeps 16-bit accumulation to a few chunks: bench/NOTES.md measures the
+  // error). Needs no [N, D] buffer, so it fits budgets of a few MiB.
+  kTokenOuter = 1,
 };
 
 enum class StatusCode : int32_t {
@@ -100,10 +112,18 @@ struct Plan {
   // GEMM writes the output directly and no fp32 dW accumulator is needed; when it equals
   // forward_token_chunk, dZ overwrites the logits block in place.
   int64_t dw_group_tokens = 0;
-  // Recompute backward: a logits block is [backward_token_chunk, backward_vocab_chunk]; dZ of all
-  // N tokens of one vocabulary chunk is kept so that slice of dW is written once.
+  // Columns of one forward logits block; 0 (or >= V) means whole rows. Only a forward without
+  // gradients may split rows: the row statistics are merged across the blocks.
+  int64_t forward_vocab_chunk = 0;
+  // Recompute backward: a logits block is [backward_token_chunk, backward_vocab_chunk], walked in
+  // backward_order. In the vocabulary-outer order, dZ of all N tokens of one vocabulary chunk is
+  // kept (gathered when the token chunks do not cover N) so that slice of dW is written once.
   int64_t backward_token_chunk = 0;
   int64_t backward_vocab_chunk = 0;
+  BackwardOrder backward_order = BackwardOrder::kVocabOuter;
+  // Scratch for the backend's GEMMs, carved from the workspace; 0 means the backend's preferred
+  // size (the planner lowers it under small budgets, never below the backend's minimum).
+  size_t gemm_scratch_bytes = 0;
   size_t forward_workspace_bytes = 0;
   size_t backward_workspace_bytes = 0;
   // The smallest budget in which the strategies allowed by the request (all, or the forced one)

@@ -77,6 +77,45 @@ TEST(Budget, BelowMinimumIsRefusedWithTheMinimum) {
   }
 }
 
+// Below the fp32 [N, D] dx accumulator of the vocabulary-outer order, the recompute backward walks
+// token chunks outermost; with 16-bit dW it never takes more than 4 of them (dW is rounded once
+// per chunk).
+TEST(Budget, SmallBudgetsWalkTokensOutermost) {
+  for (DType t : {DType::kBFloat16, DType::kFloat32}) {
+    Case c = budget_case();
+    c.n = 1000;
+    c.dtype = t;
+    const Problem prob = make_problem(c);
+    Plan roomy;
+    ASSERT_TRUE(
+        make_plan(prob, Device::kCpu, kDefaultMemoryBudget, Strategy::kRecompute, &roomy).ok());
+    const size_t dx_accum = static_cast<size_t>(c.n) * c.d * sizeof(float);
+    const size_t budget = roomy.min_budget_bytes + dx_accum / 8;
+    Plan plan;
+    ASSERT_TRUE(make_plan(prob, Device::kCpu, budget, Strategy::kRecompute, &plan).ok());
+    EXPECT_EQ(plan.backward_order, BackwardOrder::kTokenOuter) << dtype_name(t);
+    EXPECT_LE(plan.backward_workspace_bytes, budget);
+    const int64_t token_chunks = (c.n + plan.backward_token_chunk - 1) / plan.backward_token_chunk;
+    if (t == DType::kBFloat16) EXPECT_LE(token_chunks, 4);
+  }
+}
+
+// A forward in a small budget splits rows into vocabulary blocks rather than shrinking to a few
+// whole rows (which would starve the GEMM).
+TEST(Budget, SmallBudgetsSplitForwardRows) {
+  Case c = budget_case();
+  c.n = 4096;
+  c.v = 50000;
+  const Problem prob = make_problem(c);
+  Plan plan;
+  const size_t budget = size_t(8) << 20;
+  ASSERT_TRUE(make_plan(prob, Device::kCpu, budget, Strategy::kRecompute, &plan).ok());
+  EXPECT_GT(plan.forward_vocab_chunk, 0);
+  EXPECT_LT(plan.forward_vocab_chunk, c.v);
+  EXPECT_GE(plan.forward_token_chunk, 256);
+  EXPECT_LE(plan.forward_workspace_bytes, budget);
+}
+
 // run_fused allocates exactly plan.*_workspace_bytes with canaries after the end; at the minimum
 // budget every buffer is as small as it gets, so an off-by-one in the layout would show here.
 TEST(Budget, ExactWorkspaceAtTheMinimum) {

@@ -448,6 +448,12 @@ std::vector<CudaParam> cuda_params() {
       p.choice.plan.backward_token_chunk = sh.n;  // one token block: dZ in place
       p.name = dn + "_recompute_vocab_chunks";
       out.push_back(p);
+      p.choice.plan.backward_order = BackwardOrder::kTokenOuter;  // dW accumulated over 5 chunks
+      p.choice.plan.backward_token_chunk = 16;
+      p.choice.plan.backward_vocab_chunk = 40;
+      p.choice.plan.forward_vocab_chunk = 24;  // forward rows split into vocabulary blocks
+      p.name = dn + "_token_outer_split_forward";
+      out.push_back(p);
     }
   }
   return out;

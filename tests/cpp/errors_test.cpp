@@ -288,6 +288,16 @@ TEST_F(BadInput, StrategyMismatch) {
                {"dw_group_tokens"});
   expect_error(bwd([](BackwardParams& b) { b.plan.backward_vocab_chunk = 0; }), kInvalid,
                {"backward_vocab_chunk"});
+  expect_error(
+      bwd([](BackwardParams& b) { b.plan.backward_order = static_cast<BackwardOrder>(4); }),
+      kInvalid, {"backward_order", "4"});
+  expect_error(fwd([](ForwardParams& f) { f.plan.forward_vocab_chunk = -3; }), kInvalid,
+               {"forward_vocab_chunk", "-3"});
+  // Split rows cannot give dZ: the gradient needs each row's LSE first.
+  expect_error(fwd([](ForwardParams& f) { f.plan.forward_vocab_chunk = 10; }, true), kInvalid,
+               {"forward_vocab_chunk", "gradients"});
+  expect_error(fwd([](ForwardParams& f) { f.plan.gemm_scratch_bytes = 100; }), kInvalid,
+               {"gemm_scratch_bytes", "got 100"});
 
   Problem p = make_problem(c_);
   Plan plan;

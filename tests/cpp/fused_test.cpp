@@ -296,6 +296,18 @@ std::vector<ChunkParam> chunk_params() {
     p.backward_token_chunk = 13;  // several token blocks, one vocabulary chunk
     p.backward_vocab_chunk = 211;
     out.push_back({dn + "_recompute_token_chunks", p, t});
+    p.backward_order = BackwardOrder::kTokenOuter;  // dx per token chunk, dW over 6 token chunks
+    p.backward_token_chunk = 13;
+    p.backward_vocab_chunk = 37;
+    out.push_back({dn + "_token_outer_token_and_vocab_chunks", p, t});
+    p.backward_vocab_chunk = 211;  // one vocabulary chunk: dx written straight, no accumulator
+    out.push_back({dn + "_token_outer_token_chunks", p, t});
+    p.backward_token_chunk = 77;  // one token chunk: dW written once
+    p.backward_vocab_chunk = 37;
+    out.push_back({dn + "_token_outer_vocab_chunks", p, t});
+    p.forward_vocab_chunk = 29;  // forward rows split into 8 vocabulary blocks (last one short)
+    p.forward_token_chunk = 19;
+    out.push_back({dn + "_recompute_split_forward_rows", p, t});
   }
   return out;
 }

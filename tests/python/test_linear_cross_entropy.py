@@ -237,6 +237,34 @@ def test_recompute_vocab_chunks(device):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_budget_token_outer_and_split_rows(device, dtype):
+    """A budget too small for the [N, D] fp32 dx accumulator: the backward walks token chunks
+    outermost (dW accumulated across them) and the forward splits rows into vocabulary blocks."""
+    n, vocab, hidden = 600, 5000, 48
+    kw = dict(has_bias=True, needs_grad_bias=True, strategy="recompute")
+    need = flce.plan(n, vocab, hidden, dtype, device, memory_budget=1 << 40, **kw)
+    budget = need["min_budget_bytes"] + n * hidden * 4 // 4
+    plan = flce.plan(n, vocab, hidden, dtype, device, memory_budget=budget, **kw)
+    assert plan["backward_order"] == "token_outer", plan
+    assert plan["backward_token_chunk"] < n, plan
+    assert 0 < plan["forward_vocab_chunk"] < vocab, plan
+    run_case(
+        device,
+        n_shape=(n,),
+        vocab=vocab,
+        hidden=hidden,
+        dtype=dtype,
+        strategy="recompute",
+        memory_budget=budget,
+        bias=True,
+        class_weight=True,
+        label_smoothing=0.1,
+        z_loss=1e-3,
+        softcap=5.0,
+    )
+
+
 def test_large_vocab(device):
     """V > 65536 (a 16-bit vocabulary index would overflow), both strategies, all grads."""
     for strategy in STRATEGIES:

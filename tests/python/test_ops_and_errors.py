@@ -10,7 +10,9 @@ from flce import _ops
 
 def plan_list(n, v, d, dtype, device, strategy, **kw):
     p = flce.plan(n, v, d, dtype, device, strategy=strategy, **kw)
-    return [_ops.STRATEGIES[p["strategy"]]] + [p[k] for k in _ops.PLAN_FIELDS[1:]]
+    p["strategy"] = _ops.STRATEGIES[p["strategy"]]
+    p["backward_order"] = _ops.BACKWARD_ORDERS[p["backward_order"]]
+    return [p[k] for k in _ops.PLAN_FIELDS]
 
 
 OPTIONS = (-100, 0, 0.1, 1e-3, 4.0, 1.1)  # ignore_index, mean, smoothing, z_loss, softcap, scale
@@ -216,7 +218,7 @@ def test_raw_op_errors(device):
     plan = plan_list(5, 11, 8, torch.float32, device, "recompute")
     with pytest.raises(ValueError, match=r"target: expected shape \[5\]"):
         torch.ops.flce.lce_forward(x, w, None, y, None, *OPTIONS, plan, False, False, False, False)
-    with pytest.raises(ValueError, match="plan: expected 8 integers"):
+    with pytest.raises(ValueError, match=f"plan: expected {len(_ops.PLAN_FIELDS)} integers"):
         torch.ops.flce.lce_forward(
             x, w, None, y[:5], None, *OPTIONS, [1, 2], False, False, False, False
         )
