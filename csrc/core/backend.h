@@ -44,12 +44,6 @@ struct PrepareArgs {
   float* scalars = nullptr;  // [kNumScalars]
 };
 
-// What a row's earlier vocabulary blocks leave for its later ones when a forward splits rows.
-struct RowCarry {
-  RowState state;
-  float target_z = NAN;  // transformed logit of the label, once its block was seen
-};
-
 // Rows of a logits block: statistics, loss, LSE, metrics and optionally the gradient with
 // respect to the raw logits. A block spans all V columns, or (without a gradient) columns
 // [col_offset, col_offset + cols) of rows whose statistics are merged through `carry`: the

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend.h"
@@ -242,20 +243,17 @@ std::vector<int64_t> vocab_outer_token_chunks(const Problem& p) {
 template <typename F>
 void for_each_backward(const Problem& p, Plan plan, F&& f) {
   const std::vector<int64_t> bvs = vocab_chunks(p);
-  plan.backward_order = BackwardOrder::kVocabOuter;
-  for (int64_t bt : vocab_outer_token_chunks(p)) {
-    for (int64_t bv : bvs) {
-      plan.backward_token_chunk = bt;
-      plan.backward_vocab_chunk = bv;
-      if (!f(plan)) break;
-    }
-  }
-  plan.backward_order = BackwardOrder::kTokenOuter;
-  for (int64_t bt : token_outer_chunks(p)) {
-    for (int64_t bv : bvs) {
-      plan.backward_token_chunk = bt;
-      plan.backward_vocab_chunk = bv;
-      if (!f(plan)) break;
+  const std::pair<BackwardOrder, std::vector<int64_t>> orders[] = {
+      {BackwardOrder::kVocabOuter, vocab_outer_token_chunks(p)},
+      {BackwardOrder::kTokenOuter, token_outer_chunks(p)}};
+  for (const auto& [order, bts] : orders) {
+    plan.backward_order = order;
+    for (int64_t bt : bts) {
+      for (int64_t bv : bvs) {
+        plan.backward_token_chunk = bt;
+        plan.backward_vocab_chunk = bv;
+        if (!f(plan)) break;
+      }
     }
   }
 }

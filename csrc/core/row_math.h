@@ -122,6 +122,32 @@ struct RowState {
   FLCE_HD float entropy() const { return lse() - sum_exp_z / sum_exp; }
 };
 
+// What a row's earlier vocabulary blocks leave for its later ones when a forward splits rows.
+struct RowCarry {
+  RowState state;
+  float target_z = NAN;  // transformed logit of the label, once its block was seen
+};
+
+// One block [col0, col0 + cols) of a row split across vocabulary blocks walked in column order:
+// merges the block's statistics `st` (and its label logit, when the label falls in it) with what
+// the earlier blocks carried. Returns true when this block ends the row, leaving the whole row's
+// statistics in `st` and `z_target`; otherwise stores them for the next block.
+FLCE_HD bool carry_row_block(RowCarry& carried, int64_t col0, int64_t cols, int64_t vocab_size,
+                             bool label_here, RowState& st, float& z_target) {
+  if (col0 > 0) {
+    RowState before = carried.state;
+    before.merge(st);
+    st = before;
+    if (!label_here) z_target = carried.target_z;
+  }
+  if (col0 + cols < vocab_size) {
+    carried.state = st;
+    carried.target_z = z_target;
+    return false;
+  }
+  return true;
+}
+
 // Loss of one valid row from its statistics. z_target is the transformed logit of the label.
 FLCE_HD float row_loss(float lse, float z_target, float w_target, float sum_wz, float weight_sum,
                        int64_t vocab_size, const LossOptions& o) {

@@ -176,19 +176,8 @@ Status rows_forward(const RowForwardArgs& a) {
     const int64_t y = label_at(a.labels, a.label_type, row);
     const bool label_here = y >= col0 && y < col0 + cols;
     float z_target = label_here ? z[y - col0] : NAN;
-    if (a.carry) {  // a row split across vocabulary blocks, walked in column order
-      RowCarry& carried = a.carry[row];
-      if (col0 > 0) {
-        RowState before = carried.state;
-        before.merge(st);
-        st = before;
-        if (!label_here) z_target = carried.target_z;
-      }
-      if (col0 + cols < v) {
-        carried.state = st;
-        carried.target_z = z_target;
-        continue;
-      }
+    if (a.carry && !carry_row_block(a.carry[row], col0, cols, v, label_here, st, z_target)) {
+      continue;
     }
     const float lse = st.lse();
     const bool valid = label_is_valid(y, o.ignore_index);

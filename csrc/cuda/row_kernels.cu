@@ -314,21 +314,8 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSm)
       if (a.bias != nullptr) raw += load_dynamic(a.bias, a.bias_type, label);
       z_target = transform_logit(raw, o.logit_scale, o.softcap);
     }
-    bool finish = true;
-    if (a.carry != nullptr) {  // a row split across vocabulary blocks, walked in column order
-      RowCarry& carried = a.carry[row];
-      if (col0 > 0) {
-        RowState before = carried.state;
-        before.merge(st);
-        st = before;
-        if (!label_here) z_target = carried.target_z;
-      }
-      if (col0 + cols < vocab) {
-        carried.state = st;
-        carried.target_z = z_target;
-        finish = false;
-      }
-    }
+    const bool finish = a.carry == nullptr ||
+                        carry_row_block(a.carry[row], col0, cols, vocab, label_here, st, z_target);
     if (finish) {
       const RowGrad rg = finish_forward_row(a, row, label, st, z_target);
       if (a.dz != nullptr) row_grad = rg;
