@@ -303,6 +303,33 @@ Workspace attach_workspace(P* p, size_t bytes, const at::Device& device) {
 // ---------------------------------------------------------------------------------------------
 // Planner.
 
+// The upstream gradients of a backward: grad_loss ([N] for reduction none, else one element) and
+// the optional grad_lse ([N]), float32 on ref's device; returned contiguous.
+struct Upstream {
+  at::Tensor grad_loss, grad_lse;
+};
+Upstream check_upstream(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                        int64_t n, bool per_token, const at::Tensor& ref, const char* ref_arg) {
+  TORCH_CHECK_TYPE(grad_loss.scalar_type() == at::kFloat, "grad_loss: expected dtype float32, got ",
+                   grad_loss.scalar_type());
+  TORCH_CHECK_VALUE(
+      per_token ? (grad_loss.dim() == 1 && grad_loss.size(0) == n) : grad_loss.numel() == 1,
+      "grad_loss: expected shape ", per_token ? "[N]" : "[] (one element)", " with N = ", n,
+      ", got ", shape_str(grad_loss));
+  check_same_device(grad_loss, ref, "grad_loss", ref_arg);
+  Upstream up;
+  up.grad_loss = grad_loss.contiguous();
+  if (grad_lse.has_value()) {
+    TORCH_CHECK_TYPE(grad_lse->scalar_type() == at::kFloat,
+                     "grad_lse: expected dtype float32, got ", grad_lse->scalar_type());
+    TORCH_CHECK_VALUE(grad_lse->dim() == 1 && grad_lse->size(0) == n, "grad_lse: expected shape [",
+                      n, "], got ", shape_str(*grad_lse));
+    check_same_device(*grad_lse, ref, "grad_lse", ref_arg);
+    up.grad_lse = grad_lse->contiguous();
+  }
+  return up;
+}
+
 std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hidden_size,
                              at::ScalarType dtype, at::Device device, int64_t reduction,
                              bool has_bias, bool grad_x, bool grad_weight, bool grad_bias,
@@ -394,27 +421,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward(
                     shape_str(lse));
   check_same_device(lse, x, "lse", "x");
   const bool per_token = p.options.reduction == Reduction::kNone;
-  TORCH_CHECK_TYPE(grad_loss.scalar_type() == at::kFloat, "grad_loss: expected dtype float32, got ",
-                   grad_loss.scalar_type());
-  TORCH_CHECK_VALUE(
-      per_token ? (grad_loss.dim() == 1 && grad_loss.size(0) == in.n) : grad_loss.numel() == 1,
-      "grad_loss: expected shape ", per_token ? "[N]" : "[] (one element)", " with N = ", in.n,
-      ", got ", shape_str(grad_loss));
-  check_same_device(grad_loss, x, "grad_loss", "x");
   const at::Tensor lse_c = lse.contiguous();
-  const at::Tensor gl = grad_loss.contiguous();
-  at::Tensor glse;
-  if (grad_lse.has_value()) {
-    TORCH_CHECK_TYPE(grad_lse->scalar_type() == at::kFloat,
-                     "grad_lse: expected dtype float32, got ", grad_lse->scalar_type());
-    TORCH_CHECK_VALUE(grad_lse->dim() == 1 && grad_lse->size(0) == in.n,
-                      "grad_lse: expected shape [", in.n, "], got ", shape_str(*grad_lse));
-    check_same_device(*grad_lse, x, "grad_lse", "x");
-    glse = grad_lse->contiguous();
-  }
+  const Upstream up = check_upstream(grad_loss, grad_lse, in.n, per_token, x, "x");
   p.lse = in.n > 0 ? lse_c.const_data_ptr<float>() : nullptr;
-  p.grad_loss = in.n > 0 ? gl.const_data_ptr<float>() : nullptr;
-  p.grad_lse = glse.defined() && in.n > 0 ? glse.const_data_ptr<float>() : nullptr;
+  p.grad_loss = in.n > 0 ? up.grad_loss.const_data_ptr<float>() : nullptr;
+  p.grad_lse = up.grad_lse.defined() && in.n > 0 ? up.grad_lse.const_data_ptr<float>() : nullptr;
 
   const GradOutputs g = allocate_grads(in, x.options(), grad_x, grad_weight, grad_bias);
   g.fill(&p, grad_x && in.n > 0, grad_weight, grad_bias);
@@ -529,25 +540,10 @@ at::Tensor ce_backward(const at::Tensor& logits, const at::Tensor& target,
   const LossOptions o =
       make_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale);
   const bool per_token = o.reduction == Reduction::kNone;
-  TORCH_CHECK_TYPE(grad_loss.scalar_type() == at::kFloat, "grad_loss: expected dtype float32, got ",
-                   grad_loss.scalar_type());
-  TORCH_CHECK_VALUE(
-      per_token ? (grad_loss.dim() == 1 && grad_loss.size(0) == in.n) : grad_loss.numel() == 1,
-      "grad_loss: expected shape ", per_token ? "[N]" : "[] (one element)", " with N = ", in.n,
-      ", got ", shape_str(grad_loss));
-  check_same_device(grad_loss, logits, "grad_loss", "logits");
-  at::Tensor glse;
-  if (grad_lse.has_value()) {
-    TORCH_CHECK_TYPE(grad_lse->scalar_type() == at::kFloat,
-                     "grad_lse: expected dtype float32, got ", grad_lse->scalar_type());
-    TORCH_CHECK_VALUE(grad_lse->dim() == 1 && grad_lse->size(0) == in.n,
-                      "grad_lse: expected shape [", in.n, "], got ", shape_str(*grad_lse));
-    check_same_device(*grad_lse, logits, "grad_lse", "logits");
-    glse = grad_lse->contiguous();
-  }
+  const Upstream up = check_upstream(grad_loss, grad_lse, in.n, per_token, logits, "logits");
   const at::Tensor l = rows_view(logits);
   at::Tensor grad = at::empty({in.n, in.v}, logits.options());
-  run_logits(in, l, o, false, grad, grad_loss.contiguous(), glse);
+  run_logits(in, l, o, false, grad, up.grad_loss, up.grad_lse);
   return grad;
 }
 
