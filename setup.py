@@ -4,6 +4,9 @@ The extension holds the torch-free core (csrc/core, csrc/cpu and, when nvcc is f
 plus the PyTorch binding (binding/). Environment switches:
   FLCE_WITH_CUDA=0|1   build the CUDA backend (default: 1 when nvcc is found)
   FLCE_CUDA_ARCHS      nvcc -gencode targets, default "80;90a"
+  FLCE_CUTLASS_DIR     CUTLASS include directory for the sm_90a fused logits GEMMs (default: the
+                       headers of the nvidia-cutlass wheel, when installed; without them the CUDA
+                       backend runs on cuBLASLt alone)
   FLCE_BLAS=0          build the CPU backend on its portable fallback GEMM instead of OpenBLAS
 """
 
@@ -38,6 +41,20 @@ def _find_openblas():
     return None
 
 
+def _find_cutlass():
+    """The CUTLASS include directory, or None."""
+    path = os.environ.get("FLCE_CUTLASS_DIR", "")
+    if not path:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "cutlass_include", os.path.join(ROOT, "scripts", "cutlass_include.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        path = module.cutlass_include()
+    return path if path and os.path.exists(os.path.join(path, "cutlass", "cutlass.h")) else None
+
+
 def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -64,6 +81,10 @@ def extensions():
         library_dirs.append(blas[1])
         libraries.append("openblas")
     if with_cuda:
+        cutlass = _find_cutlass()
+        define.append(("FLCE_WITH_CUTLASS", "1" if cutlass else "0"))
+        if cutlass:
+            include_dirs.append(cutlass)
         archs = os.environ.get("FLCE_CUDA_ARCHS", "80;90a").split(";")
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         for a in archs:

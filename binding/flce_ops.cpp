@@ -47,7 +47,8 @@ enum PlanField : int64_t {
   kPlanForwardVocabChunk = 8,
   kPlanBackwardOrder = 9,
   kPlanGemmScratchBytes = 10,
-  kPlanFields = 11,
+  kPlanFusedLogits = 11,
+  kPlanFields = 12,
 };
 
 std::string shape_str(const at::Tensor& t) {
@@ -121,6 +122,9 @@ Plan to_plan(c10::IntArrayRef v) {
   p.forward_vocab_chunk = v[kPlanForwardVocabChunk];
   p.backward_order = static_cast<BackwardOrder>(v[kPlanBackwardOrder]);
   p.gemm_scratch_bytes = static_cast<size_t>(v[kPlanGemmScratchBytes]);
+  TORCH_CHECK_VALUE(v[kPlanFusedLogits] <= 1, "plan: fused_logits must be 0 or 1, got ",
+                    v[kPlanFusedLogits]);
+  p.fused_logits = v[kPlanFusedLogits] == 1;
   return p;
 }
 
@@ -363,7 +367,8 @@ std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hid
           static_cast<int64_t>(plan.min_budget_bytes),
           plan.forward_vocab_chunk,
           static_cast<int64_t>(plan.backward_order),
-          static_cast<int64_t>(plan.gemm_scratch_bytes)};
+          static_cast<int64_t>(plan.gemm_scratch_bytes),
+          static_cast<int64_t>(plan.fused_logits)};
 }
 
 int64_t default_memory_budget_op() { return static_cast<int64_t>(kDefaultMemoryBudget); }

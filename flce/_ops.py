@@ -29,6 +29,7 @@ PLAN_FIELDS = (
     "forward_vocab_chunk",
     "backward_order",
     "gemm_scratch_bytes",
+    "fused_logits",
 )
 # flce::BackwardOrder
 BACKWARD_ORDERS = {"vocab_outer": 0, "token_outer": 1}

@@ -78,6 +78,15 @@ struct RowForwardArgs {
   DType dz_type = DType::kFloat32;
   const float* grad_loss = nullptr;
   const float* grad_lse = nullptr;
+
+  // Per-tile statistics instead of logits (a backend's fused logits GEMM, no gradient): row r's
+  // statistics over columns [t * T, (t + 1) * T) of the block are partials[r * partials_ld + t]
+  // (T = BackendTraits::fused_tile_cols), and target_z[r] is the transformed logit of its label
+  // when the label falls in the block. logits_stats writes both; rows_forward reads them when
+  // `partials` is set, in place of `logits`.
+  RowState* partials = nullptr;
+  int64_t partials_ld = 0;
+  float* target_z = nullptr;
 };
 
 // Element-wise gradient of a [rows, cols] block of raw logits whose LSE is already known
@@ -113,6 +122,17 @@ struct ColumnSumArgs {
   bool accumulate = false;
 };
 
+// The operands of a fused logits GEMM: the block x[rows, D] W[cols, D]^T is computed tile by tile
+// and handed to the row math in the GEMM's epilogue, never stored. x and W start at the block.
+struct LogitsOperands {
+  const void* x = nullptr;
+  int64_t ldx = 0;
+  const void* weight = nullptr;
+  int64_t ldw = 0;
+  DType dtype = DType::kBFloat16;
+  int64_t rows = 0, cols = 0, hidden = 0;
+};
+
 // Reduces per-row losses and metrics into the outputs.
 struct FinalizeArgs {
   const float* row_loss = nullptr;     // [N]
@@ -141,6 +161,14 @@ class Backend {
   // data[i] *= *factor in place, `factor` read where the backend's data lives; nothing is read or
   // written when *factor == 1.
   virtual Status scale(void* data, DType type, int64_t count, const float* factor) = 0;
+
+  // Fused logits GEMMs (optional: a backend without them keeps the defaults). fused_logits says
+  // whether they can run these operands; logits_stats fills args.partials and args.target_z of a
+  // block (args.rows / cols / offsets as for rows_forward, no gradient); logits_grad writes the
+  // block's dZ as rows_grad would from the stored logits (args.logits is not read).
+  virtual bool fused_logits(const LogitsOperands& /*op*/) const { return false; }
+  virtual Status logits_stats(const LogitsOperands& op, const RowForwardArgs& args);
+  virtual Status logits_grad(const LogitsOperands& op, const RowGradArgs& args);
 };
 
 // What the planner must know about a backend without constructing it.
@@ -151,6 +179,9 @@ struct BackendTraits {
   // workspace), carved from the workspace, and the least it can run with.
   size_t gemm_scratch_bytes = 0;
   size_t min_gemm_scratch_bytes = 0;
+  // Columns summarized by one partial RowState of logits_stats; 0 when the backend has no fused
+  // logits GEMMs.
+  int64_t fused_tile_cols = 0;
 };
 
 BackendTraits backend_traits(Device device);

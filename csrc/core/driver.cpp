@@ -22,6 +22,13 @@ BackendTraits backend_traits(Device device) {
   return device == Device::kCuda ? cuda_traits() : cpu_traits();
 }
 
+Status Backend::logits_stats(const LogitsOperands&, const RowForwardArgs&) {
+  return Status::Error(StatusCode::kNotCompiled, "this backend has no fused logits GEMMs");
+}
+Status Backend::logits_grad(const LogitsOperands&, const RowGradArgs&) {
+  return Status::Error(StatusCode::kNotCompiled, "this backend has no fused logits GEMMs");
+}
+
 namespace {
 
 Status invalid(const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); }
@@ -263,6 +270,68 @@ RowGradArgs row_grad_args(const BackwardParams& p, const float* scalars, const f
   return rg;
 }
 
+// The operands of the logits block x[t0:t0+rows] W[v0:v0+cols]^T (x_block already at row t0).
+template <typename P>
+LogitsOperands logits_operands(const P& p, const void* x_block, int64_t rows, int64_t v0,
+                               int64_t cols) {
+  LogitsOperands op;
+  op.x = x_block;
+  op.ldx = p.x_row_stride;
+  op.weight = offset_ptr(p.weight, v0 * p.hidden_size, p.dtype);
+  op.ldw = p.hidden_size;
+  op.dtype = p.dtype;
+  op.rows = rows;
+  op.cols = cols;
+  op.hidden = p.hidden_size;
+  return op;
+}
+
+// Whether a statistics block [rows, cols] may run through the backend's fused logits GEMM: the
+// plan allows it, the backend can run the operands, and the partial statistics fit where the fp32
+// logits block would go.
+bool fused_stats_fit(const Plan& plan, const BackendTraits& traits, Backend& be,
+                     const LogitsOperands& op) {
+  if (!plan.fused_logits || traits.fused_tile_cols <= 0) return false;
+  const int64_t tiles = (op.cols + traits.fused_tile_cols - 1) / traits.fused_tile_cols;
+  const int64_t bytes = tiles * static_cast<int64_t>(sizeof(RowState)) + 4;
+  return bytes <= op.cols * 4 && be.fused_logits(op);
+}
+
+// Statistics (no gradient) of the block [rows, cols] at (t0, v0) into `rf` (whose block and carry
+// fields the caller set): through the fused GEMM when it may run, else fp32 logits into `logits`
+// and the row kernel.
+Status stats_block(Backend& be, const Plan& plan, const BackendTraits& traits,
+                   const LogitsOperands& op, RowForwardArgs rf, float* logits) {
+  if (fused_stats_fit(plan, traits, be, op)) {
+    rf.partials_ld = (op.cols + traits.fused_tile_cols - 1) / traits.fused_tile_cols;
+    rf.partials = reinterpret_cast<RowState*>(logits);
+    rf.target_z = reinterpret_cast<float*>(rf.partials + op.rows * rf.partials_ld);
+    FLCE_RETURN_IF_ERROR(be.logits_stats(op, rf));
+    return be.rows_forward(rf);
+  }
+  FLCE_RETURN_IF_ERROR(be.gemm(make_gemm(op.rows, op.cols, op.hidden,
+                                         {op.x, op.ldx, op.dtype, false},
+                                         {op.weight, op.ldw, op.dtype, true}, logits, op.cols,
+                                         DType::kFloat32, false)));
+  rf.logits = logits;
+  rf.ld = op.cols;
+  return be.rows_forward(rf);
+}
+
+// dZ of a recompute block (rg filled by row_grad_args, logits = the fp32 block scratch): through
+// the fused GEMM when the plan allows it and the backend can, else logits then the row kernel.
+Status grad_block(Backend& be, const Plan& plan, const LogitsOperands& op, const RowGradArgs& rg,
+                  float* logits) {
+  if (plan.fused_logits && rg.dz_type == op.dtype && be.fused_logits(op)) {
+    return be.logits_grad(op, rg);
+  }
+  FLCE_RETURN_IF_ERROR(be.gemm(make_gemm(op.rows, op.cols, op.hidden,
+                                         {op.x, op.ldx, op.dtype, false},
+                                         {op.weight, op.ldw, op.dtype, true},
+                                         logits, op.cols, DType::kFloat32, false)));
+  return be.rows_grad(rg);
+}
+
 }  // namespace
 
 Status run_forward(Device device, const ForwardParams& p) {
@@ -340,18 +409,20 @@ Status run_forward(Device device, const ForwardParams& p) {
     if (carry != nullptr) {  // statistics only, merged across vocabulary blocks
       for (int64_t v0 = 0; v0 < v; v0 += block_cols) {
         const int64_t cols = std::min(block_cols, v - v0);
-        FLCE_RETURN_IF_ERROR(
-            be->gemm(make_gemm(rows, cols, d, {x_chunk, p.x_row_stride, p.dtype, false},
-                               {offset_ptr(p.weight, v0 * d, p.dtype), d, p.dtype, true}, logits,
-                               cols, DType::kFloat32, false)));
         RowForwardArgs rf = row_forward_args(p, rows, t0, scalars, row_loss, lse, row_metrics);
-        rf.logits = logits;
-        rf.ld = cols;
         rf.cols = cols;
         rf.col_offset = v0;
         rf.carry = carry;
-        FLCE_RETURN_IF_ERROR(be->rows_forward(rf));
+        FLCE_RETURN_IF_ERROR(
+            stats_block(*be, plan, traits, logits_operands(p, x_chunk, rows, v0, cols), rf, logits));
       }
+      continue;
+    }
+    if (!grads) {  // statistics of whole rows
+      RowForwardArgs rf = row_forward_args(p, rows, t0, scalars, row_loss, lse, row_metrics);
+      rf.cols = v;
+      FLCE_RETURN_IF_ERROR(
+          stats_block(*be, plan, traits, logits_operands(p, x_chunk, rows, 0, v), rf, logits));
       continue;
     }
 
@@ -497,13 +568,11 @@ Status run_backward(Device device, const BackwardParams& p) {
       for (int64_t v0 = 0; v0 < v; v0 += bv) {
         const int64_t cols = std::min(bv, v - v0);
         const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
-        // logits[rows, cols] = x[t0:] W[v0:]^T, then dZ in place.
-        FLCE_RETURN_IF_ERROR(
-            be->gemm(make_gemm(rows, cols, d, {x_block, p.x_row_stride, p.dtype, false},
-                               {w_chunk, d, p.dtype, true}, logits, cols, DType::kFloat32, false)));
+        // dZ of x[t0:] W[v0:]^T, in place over the logits block.
         const int64_t ldz = in_place_ld(cols, dz_type);
-        FLCE_RETURN_IF_ERROR(be->rows_grad(
-            row_grad_args(p, scalars, logits, rows, cols, t0, v0, logits, ldz, dz_type)));
+        FLCE_RETURN_IF_ERROR(grad_block(
+            *be, plan, logits_operands(p, x_block, rows, v0, cols),
+            row_grad_args(p, scalars, logits, rows, cols, t0, v0, logits, ldz, dz_type), logits));
         if (p.grad_x) {  // dx[chunk] (+)= dZ W[v0:v0+cols]
           FLCE_RETURN_IF_ERROR(
               be->gemm(make_gemm(rows, d, cols, {logits, ldz, dz_type, false},
@@ -550,14 +619,13 @@ Status run_backward(Device device, const BackwardParams& p) {
 
     for (int64_t t0 = 0; t0 < n; t0 += bt) {
       const int64_t rows = std::min(bt, n - t0);
-      // logits[rows, cols] = x[t0:] W[v0:]^T
+      // dZ of x[t0:] W[v0:]^T
       const void* x_block = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
-      FLCE_RETURN_IF_ERROR(
-          be->gemm(make_gemm(rows, cols, d, {x_block, p.x_row_stride, p.dtype, false},
-                             {w_chunk, d, p.dtype, true}, logits, cols, DType::kFloat32, false)));
-      FLCE_RETURN_IF_ERROR(
-          be->rows_grad(row_grad_args(p, scalars, logits, rows, cols, t0, v0,
-                                      offset_ptr(dz_all, t0 * ldz, dz_type), ldz, dz_type)));
+      FLCE_RETURN_IF_ERROR(grad_block(
+          *be, plan, logits_operands(p, x_block, rows, v0, cols),
+          row_grad_args(p, scalars, logits, rows, cols, t0, v0,
+                        offset_ptr(dz_all, t0 * ldz, dz_type), ldz, dz_type),
+          logits));
     }
 
     if (p.grad_weight) {  // dW[v0:v0+cols] = dZ^T x, written once

@@ -9,6 +9,7 @@
 #include "core/backends.h"
 #include "cuda/cublaslt_gemm.h"
 #include "cuda/cuda_check.h"
+#include "cuda/fused_logits.h"
 #include "cuda/launch.h"
 
 namespace flce::detail {
@@ -54,6 +55,16 @@ class CudaBackend final : public Backend {
     return cuda::launch_scale(data, type, count, factor, stream_);
   }
 
+  bool fused_logits(const LogitsOperands& op) const override {
+    return cuda::fused_logits_supported(op);
+  }
+  Status logits_stats(const LogitsOperands& op, const RowForwardArgs& args) override {
+    return cuda::launch_logits_stats(op, args, stream_);
+  }
+  Status logits_grad(const LogitsOperands& op, const RowGradArgs& args) override {
+    return cuda::launch_logits_grad(op, args, stream_);
+  }
+
  private:
   cudaStream_t stream_;
   bool allow_tf32_;
@@ -72,6 +83,7 @@ BackendTraits cuda_traits() {
   t.dz_type = &cuda_dz_type;
   t.gemm_scratch_bytes = cuda::kCublasLtWorkspaceBytes;
   t.min_gemm_scratch_bytes = cuda::kMinCublasLtWorkspaceBytes;
+  t.fused_tile_cols = cuda::kFusedTileCols;
   return t;
 }
 

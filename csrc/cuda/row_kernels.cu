@@ -16,7 +16,9 @@
 
 #include "core/row_math.h"
 #include "cuda/common.cuh"
+#include "cuda/fused_logits.h"
 #include "cuda/launch.h"
+#include "cuda/row_grad.cuh"
 
 namespace flce::detail::cuda {
 namespace {
@@ -62,19 +64,6 @@ int row_threads(int64_t cols) {
 
 // RowState across the block ------------------------------------------------------------------
 
-__device__ __forceinline__ RowState shfl_xor_state(const RowState& s, int mask) {
-  RowState o;
-  o.max = __shfl_xor_sync(kFullMask, s.max, mask);
-  o.sum_exp = __shfl_xor_sync(kFullMask, s.sum_exp, mask);
-  o.sum_exp_z = __shfl_xor_sync(kFullMask, s.sum_exp_z, mask);
-  o.sum_wz = __shfl_xor_sync(kFullMask, s.sum_wz, mask);
-  o.sum_z2 = __shfl_xor_sync(kFullMask, s.sum_z2, mask);
-  o.best = __shfl_xor_sync(kFullMask, s.best, mask);
-  o.argmax =
-      static_cast<int64_t>(__shfl_xor_sync(kFullMask, static_cast<long long>(s.argmax), mask));
-  return o;
-}
-
 __device__ __forceinline__ void warp_merge(RowState& s) {
 #pragma unroll
   for (int m = kWarpSize / 2; m > 0; m >>= 1) s.merge(shfl_xor_state(s, m));
@@ -93,18 +82,6 @@ __device__ __forceinline__ RowState block_merge(RowState s, RowState* smem) {
     s = t;
   }
   return s;
-}
-
-// What thread 0 hands the dZ pass of its row.
-struct RowGrad {
-  GradCoefs k;
-  float lse = 0.0f;
-  int64_t label = -1;  // global column of the target (never matches when ignored or out of range)
-  bool zero = true;    // every coefficient is 0: write zeros without reading the row
-};
-
-__device__ __forceinline__ bool all_zero(const GradCoefs& k) {
-  return k.coef_p == 0.0f && k.coef_target == 0.0f && k.coef_weight == 0.0f;
 }
 
 // Finishes row `row` of a rows_forward call from its merged statistics (thread 0 of the row's
@@ -328,6 +305,31 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSm)
   write_row_grad<LogitT, DzT, VEC>(x, dz, vocab, 0, a.bias, a.bias_type, a.class_weight, o, rg);
 }
 
+// Rows of a block whose statistics a fused logits GEMM left as per-tile partial RowStates: merges
+// them in a fixed order (deterministic), then finishes the row as rows_forward_kernel does.
+constexpr int kPartialThreads = 128;
+
+__global__ void __launch_bounds__(kPartialThreads) rows_from_partials_kernel(RowForwardArgs a) {
+  __shared__ __align__(16) unsigned char merge_smem[sizeof(RowState) * kMaxWarps];
+  const int64_t r = blockIdx.x;
+  const int64_t row = a.row_offset + r;
+  const int64_t vocab = a.vocab_size;
+  const int64_t cols = a.cols > 0 ? a.cols : vocab;
+  const int64_t col0 = a.col_offset;
+  const int64_t tiles = (cols + kFusedTileCols - 1) / kFusedTileCols;
+  const RowState* partials = a.partials + r * a.partials_ld;
+  RowState st;
+  for (int64_t t = threadIdx.x; t < tiles; t += blockDim.x) st.merge(partials[t]);
+  st = block_merge(st, reinterpret_cast<RowState*>(merge_smem));
+  if (threadIdx.x != 0) return;
+  const int64_t label = load_label(a.labels, a.label_type, row);
+  const bool label_here = label >= col0 && label < col0 + cols;
+  float z_target = label_here ? a.target_z[r] : NAN;  // NaN: see rows_forward_kernel
+  if (a.carry == nullptr || carry_row_block(a.carry[row], col0, cols, vocab, label_here, st, z_target)) {
+    finish_forward_row(a, row, label, st, z_target);
+  }
+}
+
 template <typename DzT, int VEC>
 __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSm)
     rows_grad_kernel(RowGradArgs a) {
@@ -336,22 +338,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSm)
   const int64_t row = a.row_offset + r;
   const LossOptions& o = a.options;
 
-  if (threadIdx.x == 0) {
-    const int64_t label = load_label(a.labels, a.label_type, row);
-    const bool valid = label_is_valid(label, o.ignore_index);
-    const bool in_range = label_in_range(label, a.vocab_size);
-    float w_target = NAN;  // see rows_forward_kernel
-    if (in_range) w_target = a.class_weight != nullptr ? a.class_weight[label] : 1.0f;
-    const float lse = a.lse[row];
-    const float g = row_upstream(o.reduction, a.grad_loss, row, a.scalars[kScalarInvDenominator]);
-    const float g_lse = a.grad_lse != nullptr ? a.grad_lse[row] : 0.0f;
-    RowGrad rg;
-    rg.k = grad_coefs(valid, g, g_lse, lse, w_target, a.scalars[kScalarWeightSum], a.vocab_size, o);
-    rg.lse = lse;
-    rg.label = valid && in_range ? label : -1;
-    rg.zero = all_zero(rg.k);
-    row_grad = rg;
-  }
+  if (threadIdx.x == 0) row_grad = row_grad_of(a, row);
   __syncthreads();
   const RowGrad rg = row_grad;
   const float* x = a.logits + r * a.ld;
@@ -372,7 +359,7 @@ Status launch_rows_forward(const RowForwardArgs& a, cudaStream_t stream) {
   }
   const int64_t cols = a.cols > 0 ? a.cols : a.vocab_size;
   if (a.vocab_size < 1 || a.cols < 0 || a.col_offset < 0 || a.col_offset + cols > a.vocab_size ||
-      a.ld < cols) {
+      (a.partials == nullptr && a.ld < cols)) {
     return invalid(
         "rows_forward: need vocab_size >= 1, columns [col_offset, col_offset + cols) within it "
         "and ld >= cols, got vocab_size " +
@@ -381,6 +368,17 @@ Status launch_rows_forward(const RowForwardArgs& a, cudaStream_t stream) {
   }
   if (cols < a.vocab_size && (a.carry == nullptr || a.dz != nullptr)) {
     return invalid("rows_forward: a block of part of each row needs carry and no dz");
+  }
+  if (a.partials != nullptr) {
+    if (a.dz != nullptr || a.target_z == nullptr || !a.labels || !a.scalars || !a.row_loss ||
+        !a.lse || a.partials_ld < (cols + kFusedTileCols - 1) / kFusedTileCols) {
+      return invalid(
+          "rows_forward: partial statistics need target_z, labels, scalars, row_loss, lse, "
+          "partials_ld >= the block's tiles and no dz");
+    }
+    rows_from_partials_kernel<<<static_cast<unsigned>(a.rows), kPartialThreads, 0, stream>>>(a);
+    FLCE_CUDA_CHECK_LAUNCH("rows_from_partials_kernel");
+    return Status::Ok();
   }
   if (!a.logits || !a.labels || !a.scalars || !a.row_loss || !a.lse) {
     return invalid("rows_forward: logits, labels, scalars, row_loss and lse must not be null");

@@ -124,6 +124,11 @@ struct Plan {
   // Scratch for the backend's GEMMs, carved from the workspace; 0 means the backend's preferred
   // size (the planner lowers it under small budgets, never below the backend's minimum).
   size_t gemm_scratch_bytes = 0;
+  // Let the backend compute statistics-only forward blocks and recompute dZ blocks with its fused
+  // logits GEMMs (CUDA on compute capability 9.0, 16-bit inputs: the row math runs in the GEMM's
+  // epilogue and no logits block is stored) where they apply; false always takes the GEMM + row
+  // kernel path.
+  bool fused_logits = true;
   size_t forward_workspace_bytes = 0;
   size_t backward_workspace_bytes = 0;
   // The smallest budget in which the strategies allowed by the request (all, or the forced one)

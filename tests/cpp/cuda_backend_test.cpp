@@ -25,7 +25,9 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/backends.h"
 #include "core/workspace.h"
+#include "cuda/fused_logits.h"
 #include "harness.h"
 #include "reference.h"
 
@@ -387,11 +389,15 @@ std::vector<CudaParam> cuda_params() {
   uint64_t seed = 900;
   // v = 211 takes the scalar paths of the row kernels (rows not 16-byte aligned); v = 200 (a
   // multiple of 8 but not of 64) the vectorized ones.
+  // "tiles" (16-bit, aligned x rows) runs the fused logits GEMMs on compute capability 9.0:
+  // several CTA tiles of 128 x 256 in both directions, each with a partial last one.
   struct Shape {
     const char* name;
     int64_t n, v, d;
+    bool aligned_rows;  // x row stride a multiple of 8 even with all options
   };
-  const Shape shapes[] = {{"odd", 77, 211, 39}, {"vec", 77, 200, 40}};
+  const Shape shapes[] = {
+      {"odd", 77, 211, 39, false}, {"vec", 77, 200, 40, false}, {"tiles", 300, 1000, 64, true}};
   for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
     for (const Shape& sh : shapes) {
       const std::string dn = std::string(dtype_name(t)) + "_" + sh.name;
@@ -403,6 +409,10 @@ std::vector<CudaParam> cuda_params() {
         c.dtype = t;
         c.seed = ++seed;
         return c;
+      };
+      auto all_options = [&](Case& c) {
+        flce::test::all_options(c);
+        if (sh.aligned_rows) c.x_pad = 8;
       };
       for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
         CudaParam p;
@@ -454,6 +464,11 @@ std::vector<CudaParam> cuda_params() {
       p.choice.plan.forward_vocab_chunk = 24;  // forward rows split into vocabulary blocks
       p.name = dn + "_token_outer_split_forward";
       out.push_back(p);
+      if (sh.aligned_rows) {  // the same chunks without the fused logits GEMMs
+        p.choice.plan.fused_logits = false;
+        p.name = dn + "_token_outer_split_forward_unfused";
+        out.push_back(p);
+      }
     }
   }
   return out;
@@ -991,6 +1006,211 @@ TEST(CudaEdge, BeyondInt32Elements) {
     std::vector<double> got(dd);
     for (int64_t k = 0; k < dd; ++k) got[k] = out.dw.get(col * dd + k);
     expect_close("dW column " + std::to_string(col), got, dw, grad_tol);
+  }
+}
+
+
+// The fused logits GEMMs against the GEMM + row kernel path, primitive by primitive, on a bf16
+// block of several partial CTA tiles: every dZ element and every partial statistic is written
+// (the outputs start as NaN), and both paths agree. Runs where the fused GEMMs can (CUTLASS built
+// in, compute capability 9.0), and checks they are taken exactly there.
+TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
+  SKIP_WITHOUT_DEVICE();
+  Case c;
+  c.n = 300;
+  c.v = 1000;
+  c.d = 72;
+  c.dtype = DType::kBFloat16;
+  all_options(c);
+  c.x_pad = 8;
+  c.options.softcap = 0.0f;  // softcap and scale both stay in all_options' other cases
+  const Inputs in = make_inputs(c);
+  const DeviceInputs d = upload(c, in);
+  const int64_t n = c.n, v = c.v;
+  const int64_t t0 = 5, rows = n - t0, v0 = 200, cols = v - v0;  // an offset block
+
+  DeviceBuffer scratch(detail::cuda_traits().gemm_scratch_bytes);
+  auto be = detail::make_cuda_backend(nullptr, false, scratch.get(), scratch.bytes());
+  ASSERT_TRUE(be);
+  detail::LogitsOperands op;
+  op.x = static_cast<const char*>(d.x.raw()) + t0 * in.x_stride * 2;
+  op.ldx = in.x_stride;
+  op.weight = static_cast<const char*>(d.weight.raw()) + v0 * c.d * 2;
+  op.ldw = c.d;
+  op.dtype = c.dtype;
+  op.rows = rows;
+  op.cols = cols;
+  op.hidden = c.d;
+
+  int device = 0, major = 0, minor = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  const bool expected = FLCE_WITH_CUTLASS && major == 9 && minor == 0;
+  ASSERT_EQ(be->fused_logits(op), expected);
+  if (!expected) GTEST_SKIP() << "no fused logits GEMMs on this build or device";
+  detail::LogitsOperands other = op;
+  other.dtype = DType::kFloat32;
+  EXPECT_FALSE(be->fused_logits(other)) << "fp32 inputs take the cuBLASLt path";
+  other = op;
+  other.ldx = in.x_stride + 1;
+  EXPECT_FALSE(be->fused_logits(other)) << "TMA needs row pitches of 16 bytes";
+  other = op;
+  other.x = static_cast<const char*>(op.x) + 2;
+  EXPECT_FALSE(be->fused_logits(other)) << "TMA needs 16-byte aligned operands";
+
+  DeviceBuffer scalars(sizeof(float) * detail::kNumScalars);
+  detail::PrepareArgs prep;
+  prep.labels = d.labels.raw();
+  prep.label_type = in.label_type();
+  prep.class_weight = static_cast<const float*>(d.class_weight.raw());
+  prep.num_tokens = n;
+  prep.vocab_size = v;
+  prep.ignore_index = c.options.ignore_index;
+  prep.scalars = static_cast<float*>(scalars.raw());
+  ASSERT_TRUE(be->prepare(prep).ok());
+
+  // Statistics of the block, both ways, finished through a carry as a split forward does.
+  const int64_t tiles = (cols + detail::cuda::kFusedTileCols - 1) / detail::cuda::kFusedTileCols;
+  DeviceBuffer logits(sizeof(float) * rows * cols);
+  DeviceBuffer partials(sizeof(detail::RowState) * rows * tiles), target_z(sizeof(float) * rows);
+  std::vector<std::vector<float>> lse(2), loss(2);
+  for (int fused = 0; fused < 2; ++fused) {
+    DeviceBuffer row_loss(sizeof(float) * n), lse_out(sizeof(float) * n),
+        metrics(sizeof(float) * n * detail::kNumRowMetrics),
+        carry(sizeof(detail::RowCarry) * n);
+    // Rows' first 200 columns: through the unfused path in both runs, as the carry's start.
+    detail::RowForwardArgs rf;
+    rf.rows = rows;
+    rf.vocab_size = v;
+    rf.row_offset = t0;
+    rf.bias = d.bias.raw();
+    rf.bias_type = c.dtype;
+    rf.labels = d.labels.raw();
+    rf.label_type = in.label_type();
+    rf.class_weight = static_cast<const float*>(d.class_weight.raw());
+    rf.options = c.options;
+    rf.scalars = static_cast<const float*>(scalars.raw());
+    rf.row_loss = static_cast<float*>(row_loss.raw());
+    rf.lse = static_cast<float*>(lse_out.raw());
+    rf.row_metrics = static_cast<float*>(metrics.raw());
+    rf.carry = static_cast<detail::RowCarry*>(carry.raw());
+    detail::GemmArgs g;
+    g.m = rows;
+    g.n = v0;
+    g.k = c.d;
+    g.a = op.x;
+    g.lda = op.ldx;
+    g.a_type = c.dtype;
+    g.b = d.weight.raw();
+    g.ldb = c.d;
+    g.b_type = c.dtype;
+    g.trans_b = true;
+    g.c = logits.raw();
+    g.ldc = v0;
+    ASSERT_TRUE(be->gemm(g).ok());
+    rf.logits = logits.raw();
+    rf.ld = v0;
+    rf.cols = v0;
+    ASSERT_TRUE(be->rows_forward(rf).ok());
+    rf.col_offset = v0;
+    rf.cols = cols;
+    if (fused) {
+      partials.poison();
+      target_z.poison();
+      rf.logits = nullptr;
+      rf.partials = static_cast<detail::RowState*>(partials.raw());
+      rf.partials_ld = tiles;
+      rf.target_z = static_cast<float*>(target_z.raw());
+      ASSERT_TRUE(be->logits_stats(op, rf).ok());
+      CUDA_CHECK(cudaDeviceSynchronize());
+      std::vector<detail::RowState> got(rows * tiles);
+      partials.download(got.data(), partials.bytes());
+      for (int64_t i = 0; i < rows * tiles; ++i) {
+        ASSERT_TRUE(std::isfinite(got[i].max) && got[i].sum_exp >= 1.0f && got[i].argmax >= v0)
+            << "partial " << i << " (row " << i / tiles << ", tile " << i % tiles
+            << ") not written";
+      }
+    } else {
+      g.n = cols;
+      g.b = op.weight;
+      g.ldc = cols;
+      ASSERT_TRUE(be->gemm(g).ok());
+      rf.ld = cols;
+    }
+    ASSERT_TRUE(be->rows_forward(rf).ok());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    lse[fused].assign(n, NAN);
+    loss[fused].assign(n, NAN);
+    lse_out.download(lse[fused].data(), lse_out.bytes());
+    row_loss.download(loss[fused].data(), row_loss.bytes());
+  }
+  for (int64_t i = t0; i < n; ++i) {
+    ASSERT_TRUE(std::isfinite(lse[1][i]) && std::isfinite(loss[1][i])) << "row " << i;
+    EXPECT_NEAR(lse[1][i], lse[0][i], 1e-5 * std::max(1.0f, std::abs(lse[0][i]))) << "row " << i;
+    EXPECT_NEAR(loss[1][i], loss[0][i], 1e-5 * std::max(1.0f, std::abs(loss[0][i])))
+        << "row " << i;
+  }
+
+  // dZ of the block from those LSEs, both ways; the fused one into NaN.
+  detail::RowGradArgs rg;
+  rg.rows = rows;
+  rg.cols = cols;
+  rg.row_offset = t0;
+  rg.col_offset = v0;
+  rg.vocab_size = v;
+  rg.bias = d.bias.raw();
+  rg.bias_type = c.dtype;
+  rg.labels = d.labels.raw();
+  rg.label_type = in.label_type();
+  rg.class_weight = static_cast<const float*>(d.class_weight.raw());
+  rg.options = c.options;
+  rg.scalars = static_cast<const float*>(scalars.raw());
+  DeviceBuffer lse_in = to_device(lse[0]);
+  rg.lse = static_cast<const float*>(lse_in.raw());
+  rg.grad_loss = static_cast<const float*>(d.grad_loss.raw());
+  rg.dz_type = c.dtype;
+  rg.ldz = cols + 3;  // odd: the pair stores fall back to single ones
+  std::vector<TypedBuffer> dz(2, TypedBuffer(c.dtype, rows * rg.ldz));
+  for (int fused = 0; fused < 2; ++fused) {
+    DeviceBuffer out(2 * rows * rg.ldz);
+    rg.dz = out.raw();
+    if (fused) {
+      ASSERT_TRUE(be->logits_grad(op, rg).ok());
+    } else {
+      detail::GemmArgs g;
+      g.m = rows;
+      g.n = cols;
+      g.k = c.d;
+      g.a = op.x;
+      g.lda = op.ldx;
+      g.a_type = c.dtype;
+      g.b = op.weight;
+      g.ldb = c.d;
+      g.b_type = c.dtype;
+      g.trans_b = true;
+      g.c = logits.raw();
+      g.ldc = cols;
+      ASSERT_TRUE(be->gemm(g).ok());
+      rg.logits = static_cast<const float*>(logits.raw());
+      rg.ld = cols;
+      ASSERT_TRUE(be->rows_grad(rg).ok());
+    }
+    CUDA_CHECK(cudaDeviceSynchronize());
+    out.download(dz[fused].data(), out.bytes());
+    EXPECT_TRUE(out.canary_intact());
+  }
+  double max_ref = 0.0;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) max_ref = std::max(max_ref, std::abs(dz[0].get(i * rg.ldz + j)));
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const double got = dz[1].get(i * rg.ldz + j), ref = dz[0].get(i * rg.ldz + j);
+      ASSERT_TRUE(std::isfinite(got)) << "dZ[" << i << ", " << j << "] not written";
+      // Both round to bf16 (2^-8 relative); the GEMMs differ only in summation order.
+      ASSERT_NEAR(got, ref, 1e-2 * std::abs(ref) + 1e-3 * max_ref) << "dZ[" << i << ", " << j << "]";
+    }
   }
 }
 

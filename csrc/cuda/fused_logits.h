@@ -1,0 +1,34 @@
+// Host entry points of the fused logits GEMMs (sm90_fused_logits.cuh): a CUTLASS Hopper GEMM
+// whose epilogue applies the row math to the fp32 accumulators, so that the logits block is
+// never stored. Built when CUTLASS is found (FLCE_WITH_CUTLASS) and run on compute capability 9.0
+// for bf16 / fp16 inputs; everything else takes the cuBLASLt GEMM + row kernel path.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/backend.h"
+
+namespace flce::detail::cuda {
+
+// Columns of one CTA tile, summarized by one partial RowState.
+constexpr int64_t kFusedTileCols = 256;
+
+// Whether this build and the current device can run the fused GEMMs on `op` (dtype, alignment of
+// the TMA operands, sizes that fit the kernel's 32-bit problem shape).
+bool fused_logits_supported(const LogitsOperands& op);
+
+Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& args,
+                           cudaStream_t stream);
+Status launch_logits_grad(const LogitsOperands& op, const RowGradArgs& args, cudaStream_t stream);
+
+namespace sm90 {
+// One definition per (Math, dtype), in sm90_fused_logits_{stats,grad}.cu.
+Status logits_stats_bf16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s);
+Status logits_stats_fp16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s);
+Status logits_grad_bf16(const LogitsOperands& op, const RowGradArgs& args, cudaStream_t s);
+Status logits_grad_fp16(const LogitsOperands& op, const RowGradArgs& args, cudaStream_t s);
+}  // namespace sm90
+
+}  // namespace flce::detail::cuda

@@ -1,0 +1,316 @@
+// Hopper (sm_90a) logits GEMMs with the row math in the epilogue: x[rows, D] W[cols, D]^T is
+// computed by a CUTLASS warp-specialized TMA + WGMMA mainloop, and each CTA tile of fp32
+// accumulators goes straight from registers into
+//   - StatsMath: the online-softmax statistics (RowState) of each row over the tile's columns and
+//     the label's logit (the forward: nothing of size rows x cols is written), or
+//   - GradMath: dZ of the tile from each row's known LSE (the recompute backward: dZ is written
+//     once, in the input dtype, instead of fp32 logits written, read back and rewritten).
+// The per-element and per-row formulas are those of core/row_math.h, as in the row kernels.
+//
+// Included by the sm90_fused_logits_*.cu files only: each instantiates one Math for bf16 and fp16.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/device_kernel.h>
+#include <cutlass/epilogue/collective/detail.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+
+#include <mutex>
+
+#include "core/backend.h"
+#include "core/row_math.h"
+#include "cuda/common.cuh"
+#include "cuda/fused_logits.h"
+#include "cuda/row_grad.cuh"
+
+namespace flce::detail::cuda::sm90 {
+
+// One CTA tile: 128 rows (two consumer warpgroups of 64) x 256 columns, K steps of 64. The
+// columns of a tile are those of one partial RowState (kFusedTileCols).
+using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+static_assert(cute::size<1>(TileShape{}) == kFusedTileCols, "one partial RowState per CTA tile");
+
+// A warpgroup MMA accumulator fragment is ((2, 2, N/8), MMA_M, MMA_N): value mode 0 steps to the
+// next column, mode 1 to the row 8 below, mode 2 to the columns 8 to the right. Viewed as
+// (rows, cols) of this thread: ((2, MMA_M), (2, N/8, MMA_N)). The four threads of a quad hold
+// the same rows, so a row reduction is in-thread, then two shuffles.
+template <class Layout>
+CUTE_HOST_DEVICE auto accumulator_rows_cols(Layout l) {
+  using namespace cute;
+  static_assert(decltype(rank<0>(l))::value == 3, "expects a warpgroup MMA accumulator layout");
+  static_assert(decltype(size<0, 0>(l))::value == 2 && decltype(size<0, 1>(l))::value == 2,
+                "expects pairs of columns and of rows in the MMA value mode");
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
+                     make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+// Merges the RowState of the four threads of each quad; every lane ends with the quad's state.
+__device__ __forceinline__ void quad_merge(RowState& s) {
+  s.merge(shfl_xor_state(s, 1));
+  s.merge(shfl_xor_state(s, 2));
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 1));
+  return fmaxf(v, __shfl_xor_sync(kFullMask, v, 2));
+}
+
+// Raw logit (bias added) of accumulator `acc` in launch column n.
+__device__ __forceinline__ float raw_logit(float acc, const void* bias, DType bias_type,
+                                           int64_t global_col) {
+  return bias != nullptr ? acc + load_dynamic(bias, bias_type, global_col) : acc;
+}
+
+// Forward: per-tile RowState of every row and the label's transformed logit.
+struct StatsMath {
+  using Args = RowForwardArgs;
+
+  template <class Acc, class Crd>
+  __device__ static void apply(const Args& a, const Acc& acc, const Crd& crd, int rows, int cols,
+                               int n_tile) {
+    using namespace cute;
+    const LossOptions& o = a.options;
+    const bool metrics = a.row_metrics != nullptr;
+    const float* wz_weights = a.class_weight;  // the smoothing sum is weighted by class
+    const bool smoothing = o.label_smoothing > 0.0f;
+    constexpr int kCols = decltype(size<1>(acc))::value;
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < size<0>(acc); ++r) {
+      const int m = get<0>(crd(r, 0));
+      const bool row_ok = m < rows;
+      const int64_t label =
+          row_ok ? load_label(a.labels, a.label_type, a.row_offset + m) - a.col_offset : -1;
+      // Two passes over the accumulators (z is recomputed rather than kept: 64 more registers
+      // per row would spill). Every lane of the quad then sums under the quad's max, so the
+      // merge below adds without rescaling.
+      float mx = -INFINITY;
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int n = get<1>(crd(r, c));
+        if (n >= cols) continue;
+        const float z = transform_logit(raw_logit(acc(r, c), a.bias, a.bias_type, a.col_offset + n),
+                                        o.logit_scale, o.softcap);
+        mx = z > mx ? z : mx;
+        if (n == label) a.target_z[m] = z;
+      }
+      RowState st;
+      st.max = quad_max(mx);
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int n = get<1>(crd(r, c));
+        if (n >= cols) continue;
+        const float z = transform_logit(raw_logit(acc(r, c), a.bias, a.bias_type, a.col_offset + n),
+                                        o.logit_scale, o.softcap);
+        const float e = softmax_exp(z - st.max);
+        st.sum_exp += e;
+        if (smoothing) {
+          st.sum_wz += (wz_weights != nullptr ? wz_weights[a.col_offset + n] : 1.0f) * z;
+        }
+        if (metrics) {
+          st.sum_exp_z += e * z;
+          st.sum_z2 += z * z;
+          if (z > st.best) {  // columns ascend within a thread: the first maximum wins
+            st.best = z;
+            st.argmax = a.col_offset + n;
+          }
+        }
+      }
+      quad_merge(st);
+      if (row_ok && (threadIdx.x % 4) == 0) a.partials[m * a.partials_ld + n_tile] = st;
+    }
+  }
+};
+
+// Recompute backward: dZ of the tile, written in the input dtype.
+template <class Element>
+struct GradMath {
+  using Args = RowGradArgs;
+
+  template <class Acc, class Crd>
+  __device__ static void apply(const Args& a, const Acc& acc, const Crd& crd, int rows, int cols,
+                               int /*n_tile*/) {
+    using namespace cute;
+    const LossOptions& o = a.options;
+    constexpr int kCols = decltype(size<1>(acc))::value;
+    static_assert(kCols % 2 == 0, "columns come in adjacent pairs");
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < size<0>(acc); ++r) {
+      const int m = get<0>(crd(r, 0));
+      if (m >= rows) continue;
+      const RowGrad rg = row_grad_of(a, a.row_offset + m);
+      // Class weights only enter the gradient through label smoothing.
+      const float* weights = rg.k.coef_weight != 0.0f ? a.class_weight : nullptr;
+      Element* out = static_cast<Element*>(a.dz) + static_cast<int64_t>(m) * a.ldz;
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; c += 2) {
+        const int n = get<1>(crd(r, c));  // column n + 1 holds c + 1
+        float g[2] = {0.0f, 0.0f};
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < 2; ++i) {
+          const int64_t col = a.col_offset + n + i;
+          if (rg.zero || n + i >= cols) continue;
+          const float z = transform_logit(raw_logit(acc(r, c + i), a.bias, a.bias_type, col),
+                                          o.logit_scale, o.softcap);
+          g[i] = raw_logit_grad(rg.k, z, rg.lse, col == rg.label, weights ? weights[col] : 1.0f,
+                                o);
+        }
+        if (n + 1 < cols && a.ldz % 2 == 0) {  // n is even: a 4-byte aligned pair
+          store_vec<Element, 2>(out + n, g);
+        } else {
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < 2; ++i) {
+            if (n + i < cols) out[n + i] = from_float<Element>(g[i]);
+          }
+        }
+      }
+    }
+  }
+};
+
+// The collective epilogue: an operator-style epilogue (as CUTLASS's DefaultEpilogue) that hands
+// the accumulators, viewed as rows and columns with their coordinates, to Math.
+template <class Element, class Math>
+class RowMathEpilogue {
+ public:
+  using ElementC = Element;  // no C operand is read
+  using ElementD = Element;
+  using StrideC = cute::Stride<int64_t, cute::_1, int64_t>;
+  using StrideD = StrideC;
+  using GmemTiledCopyC = void;
+  using GmemTiledCopyD = void;
+  struct SharedStorage {};
+  using Arguments = typename Math::Args;
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
+                                                  void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
+                                              cudaStream_t, cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const&) {
+    return true;
+  }
+
+  CUTLASS_HOST_DEVICE explicit RowMathEpilogue(Params const& params,
+                                               SharedStorage const& = SharedStorage())
+      : params_(params) {}
+
+  CUTLASS_DEVICE bool is_source_needed() { return false; }
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
+            class FrgLayout, class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
+                                 BlockCoordMNKL blk_coord_mnkl,
+                                 cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    using namespace cute;
+    const int rows = get<0>(problem_shape_mnkl);
+    const int cols = get<1>(problem_shape_mnkl);
+    const int m_tile = get<0>(blk_coord_mnkl);
+    const int n_tile = get<1>(blk_coord_mnkl);
+    // (row, column) in the launch of every accumulator element of this thread.
+    Tensor tile_coords = local_tile(make_identity_tensor(make_shape(rows, cols)),
+                                    take<0, 2>(blk_shape_mnk), make_coord(m_tile, n_tile));
+    Tensor thread_coords = tiled_mma.get_thread_slice(thread_idx).partition_C(tile_coords);
+    Tensor acc = make_tensor(accumulators.data(), accumulator_rows_cols(accumulators.layout()));
+    Tensor crd = make_tensor(thread_coords.data(), accumulator_rows_cols(thread_coords.layout()));
+    Math::apply(params_, acc, crd, rows, cols, n_tile);
+  }
+
+ private:
+  Params params_;
+};
+
+template <class T>
+struct CutlassElement;
+template <>
+struct CutlassElement<__nv_bfloat16> {
+  using type = cutlass::bfloat16_t;
+};
+template <>
+struct CutlassElement<__half> {
+  using type = cutlass::half_t;
+};
+
+template <class Element, class Math>
+struct FusedLogitsKernel {
+  using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+      RowMathEpilogue<Element, Math>>;
+  // x is [rows, D] row-major (A, K-major); W is [cols, D] row-major, i.e. B = W^T column-major.
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, 8,
+      Element, cutlass::layout::ColumnMajor, 8, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::TensorStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kernel =
+      cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
+};
+
+// Number of SMs of `device`, asked once per device (the persistent scheduler sizes its grid by it).
+inline int sm_count(int device) {
+  static std::mutex mu;
+  static int counts[64] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= 64) return 0;
+  if (counts[device] == 0) {
+    cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device);
+  }
+  return counts[device];
+}
+
+// Launches the fused GEMM of `op` (T: the CUDA element type) on `stream`. The caller has checked
+// fused_logits_supported(op).
+template <class T, class Math>
+Status run_fused_logits(const LogitsOperands& op, const typename Math::Args& args,
+                        cudaStream_t stream) {
+  using Element = typename CutlassElement<T>::type;
+  using Kernel = typename FusedLogitsKernel<Element, Math>::Kernel;
+  using Mainloop = typename FusedLogitsKernel<Element, Math>::Mainloop;
+  int device = 0;
+  FLCE_CUDA_CHECK(cudaGetDevice(&device));
+  cutlass::KernelHardwareInfo hw;
+  hw.device_id = device;
+  hw.sm_count = sm_count(device);
+  typename Kernel::Arguments ka{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {static_cast<int>(op.rows), static_cast<int>(op.cols), static_cast<int>(op.hidden), 1},
+      {static_cast<const Element*>(op.x), typename Mainloop::StrideA{op.ldx, cute::_1{}, 0},
+       static_cast<const Element*>(op.weight), typename Mainloop::StrideB{op.ldw, cute::_1{}, 0}},
+      args,
+      hw};
+  if (!Kernel::can_implement(ka)) {
+    return Status::Error(StatusCode::kInvalidArgument,
+                         "fused logits GEMM: CUTLASS cannot implement rows " +
+                             std::to_string(op.rows) + ", cols " + std::to_string(op.cols) +
+                             ", hidden " + std::to_string(op.hidden));
+  }
+  if (Kernel::get_workspace_size(ka) != 0) {
+    return Status::Error(StatusCode::kBackendError, "fused logits GEMM: unexpected workspace");
+  }
+  const typename Kernel::Params params = Kernel::to_underlying_arguments(ka, nullptr);
+  constexpr int kSmem = Kernel::SharedStorageSize;
+  // Per device (a host call, no synchronization).
+  FLCE_CUDA_CHECK(cudaFuncSetAttribute(cutlass::device_kernel<Kernel>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  cutlass::device_kernel<Kernel>
+      <<<Kernel::get_grid_shape(params), Kernel::get_block_shape(), kSmem, stream>>>(params);
+  FLCE_CUDA_CHECK_LAUNCH("fused logits GEMM");
+  return Status::Ok();
+}
+
+}  // namespace flce::detail::cuda::sm90

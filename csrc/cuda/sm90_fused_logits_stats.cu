@@ -1,0 +1,17 @@
+// The forward's fused logits GEMM (row statistics in the epilogue), bf16 and fp16.
+#include "cuda/fused_logits.h"
+
+#if FLCE_WITH_CUTLASS
+#include "cuda/sm90_fused_logits.cuh"
+
+namespace flce::detail::cuda::sm90 {
+
+Status logits_stats_bf16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s) {
+  return run_fused_logits<__nv_bfloat16, StatsMath>(op, args, s);
+}
+Status logits_stats_fp16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s) {
+  return run_fused_logits<__half, StatsMath>(op, args, s);
+}
+
+}  // namespace flce::detail::cuda::sm90
+#endif
