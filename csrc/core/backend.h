@@ -162,11 +162,17 @@ class Backend {
   // written when *factor == 1.
   virtual Status scale(void* data, DType type, int64_t count, const float* factor) = 0;
 
-  // Fused logits GEMMs (optional: a backend without them keeps the defaults). fused_logits says
-  // whether they can run these operands; logits_stats fills args.partials and args.target_z of a
-  // block (args.rows / cols / offsets as for rows_forward, no gradient); logits_grad writes the
-  // block's dZ as rows_grad would from the stored logits (args.logits is not read).
-  virtual bool fused_logits(const LogitsOperands& /*op*/) const { return false; }
+  // Fused logits GEMMs (optional: a backend without them keeps the defaults). The fused_*
+  // queries say whether they can run these operands with these arguments; logits_stats fills
+  // args.partials and args.target_z of a block (args.rows / cols / offsets as for rows_forward,
+  // no gradient); logits_grad writes the block's dZ as rows_grad would from the stored logits
+  // (args.logits is not read).
+  virtual bool fused_stats(const LogitsOperands& /*op*/, const RowForwardArgs& /*args*/) const {
+    return false;
+  }
+  virtual bool fused_grad(const LogitsOperands& /*op*/, const RowGradArgs& /*args*/) const {
+    return false;
+  }
   virtual Status logits_stats(const LogitsOperands& op, const RowForwardArgs& args);
   virtual Status logits_grad(const LogitsOperands& op, const RowGradArgs& args);
 };

@@ -289,12 +289,12 @@ LogitsOperands logits_operands(const P& p, const void* x_block, int64_t rows, in
 // Whether a statistics block [rows, cols] may run through the backend's fused logits GEMM: the
 // plan allows it, the backend can run the operands, and the partial statistics fit where the fp32
 // logits block would go.
-bool fused_stats_fit(const Plan& plan, const BackendTraits& traits, Backend& be,
-                     const LogitsOperands& op) {
+bool fused_stats_fit(const Plan& plan, const BackendTraits& traits, const Backend& be,
+                     const LogitsOperands& op, const RowForwardArgs& rf) {
   if (!plan.fused_logits || traits.fused_tile_cols <= 0) return false;
   const int64_t tiles = (op.cols + traits.fused_tile_cols - 1) / traits.fused_tile_cols;
   const int64_t bytes = tiles * static_cast<int64_t>(sizeof(RowState)) + 4;
-  return bytes <= op.cols * 4 && be.fused_logits(op);
+  return bytes <= op.cols * 4 && be.fused_stats(op, rf);
 }
 
 // Statistics (no gradient) of the block [rows, cols] at (t0, v0) into `rf` (whose block and carry
@@ -302,7 +302,7 @@ bool fused_stats_fit(const Plan& plan, const BackendTraits& traits, Backend& be,
 // and the row kernel.
 Status stats_block(Backend& be, const Plan& plan, const BackendTraits& traits,
                    const LogitsOperands& op, RowForwardArgs rf, float* logits) {
-  if (fused_stats_fit(plan, traits, be, op)) {
+  if (fused_stats_fit(plan, traits, be, op, rf)) {
     rf.partials_ld = (op.cols + traits.fused_tile_cols - 1) / traits.fused_tile_cols;
     rf.partials = reinterpret_cast<RowState*>(logits);
     rf.target_z = reinterpret_cast<float*>(rf.partials + op.rows * rf.partials_ld);
@@ -322,7 +322,7 @@ Status stats_block(Backend& be, const Plan& plan, const BackendTraits& traits,
 // the fused GEMM when the plan allows it and the backend can, else logits then the row kernel.
 Status grad_block(Backend& be, const Plan& plan, const LogitsOperands& op, const RowGradArgs& rg,
                   float* logits) {
-  if (plan.fused_logits && rg.dz_type == op.dtype && be.fused_logits(op)) {
+  if (plan.fused_logits && be.fused_grad(op, rg)) {
     return be.logits_grad(op, rg);
   }
   FLCE_RETURN_IF_ERROR(be.gemm(make_gemm(op.rows, op.cols, op.hidden,

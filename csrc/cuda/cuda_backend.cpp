@@ -55,8 +55,11 @@ class CudaBackend final : public Backend {
     return cuda::launch_scale(data, type, count, factor, stream_);
   }
 
-  bool fused_logits(const LogitsOperands& op) const override {
-    return cuda::fused_logits_supported(op);
+  bool fused_stats(const LogitsOperands& op, const RowForwardArgs& args) const override {
+    return cuda::fused_stats_supported(op, args);
+  }
+  bool fused_grad(const LogitsOperands& op, const RowGradArgs& args) const override {
+    return cuda::fused_grad_supported(op, args);
   }
   Status logits_stats(const LogitsOperands& op, const RowForwardArgs& args) override {
     return cuda::launch_logits_stats(op, args, stream_);

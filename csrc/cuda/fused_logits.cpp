@@ -37,13 +37,17 @@ bool device_is_sm90() {
   return state[device] == 1;
 }
 
-Status check_operands(const LogitsOperands& op, const char* what) {
-  if (!fused_logits_supported(op)) {
-    return Status::Error(StatusCode::kNotCompiled,
-                         std::string(what) +
-                             ": the fused logits GEMM cannot run these operands on this device");
-  }
-  return Status::Ok();
+Status unsupported(const char* what) {
+  return Status::Error(StatusCode::kNotCompiled,
+                       std::string(what) +
+                           ": the fused logits GEMM cannot run these operands and options on "
+                           "this device");
+}
+
+// Options whose per-element cost the fused epilogues leave to the row kernels.
+bool plain_options(const LossOptions& o, const void* bias, const float* class_weight) {
+  return bias == nullptr && !(o.softcap > 0.0f) &&
+         !(class_weight != nullptr && o.label_smoothing > 0.0f);
 }
 
 }  // namespace
@@ -65,9 +69,19 @@ bool fused_logits_supported(const LogitsOperands& op) {
 #endif
 }
 
+bool fused_stats_supported(const LogitsOperands& op, const RowForwardArgs& a) {
+  return a.row_metrics == nullptr && a.dz == nullptr &&
+         plain_options(a.options, a.bias, a.class_weight) && fused_logits_supported(op);
+}
+
+bool fused_grad_supported(const LogitsOperands& op, const RowGradArgs& a) {
+  return a.dz_type == op.dtype && a.ldz % 2 == 0 && reinterpret_cast<uintptr_t>(a.dz) % 4 == 0 &&
+         plain_options(a.options, a.bias, a.class_weight) && fused_logits_supported(op);
+}
+
 Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& a,
                            cudaStream_t stream) {
-  FLCE_CUDA_RETURN_IF_ERROR(check_operands(op, "logits_stats"));
+  if (!fused_stats_supported(op, a)) return unsupported("logits_stats");
   const int64_t tiles = (op.cols + kFusedTileCols - 1) / kFusedTileCols;
   if (a.rows != op.rows || a.cols != op.cols) {
     return invalid("logits_stats: the row block [" + std::to_string(a.rows) + ", " +
@@ -81,6 +95,7 @@ Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& a,
   if (!a.labels || (a.col_offset < 0 || a.col_offset + a.cols > a.vocab_size)) {
     return invalid("logits_stats: labels must be given and the columns lie within vocab_size");
   }
+  FLCE_CUDA_RETURN_IF_ERROR(launch_target_logits(op, a, stream));
 #if FLCE_WITH_CUTLASS
   return op.dtype == DType::kBFloat16 ? sm90::logits_stats_bf16(op, a, stream)
                                       : sm90::logits_stats_fp16(op, a, stream);
@@ -91,16 +106,14 @@ Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& a,
 }
 
 Status launch_logits_grad(const LogitsOperands& op, const RowGradArgs& a, cudaStream_t stream) {
-  FLCE_CUDA_RETURN_IF_ERROR(check_operands(op, "logits_grad"));
+  if (!fused_grad_supported(op, a)) return unsupported("logits_grad");
   if (a.rows != op.rows || a.cols != op.cols) {
     return invalid("logits_grad: the dZ block [" + std::to_string(a.rows) + ", " +
                    std::to_string(a.cols) + "] differs from the GEMM's [" +
                    std::to_string(op.rows) + ", " + std::to_string(op.cols) + "]");
   }
-  if (a.dz_type != op.dtype || a.dz == nullptr || a.ldz < a.cols ||
-      reinterpret_cast<uintptr_t>(a.dz) % 4 != 0) {
-    return invalid(
-        "logits_grad: dz must be a 4-byte aligned block in the input dtype with ldz >= cols");
+  if (a.dz == nullptr || a.ldz < a.cols) {
+    return invalid("logits_grad: dz must be given, with ldz >= cols");
   }
   if (!a.labels || !a.scalars || !a.lse || a.col_offset < 0 ||
       a.col_offset + a.cols > a.vocab_size) {

@@ -16,15 +16,26 @@ namespace flce::detail::cuda {
 constexpr int64_t kFusedTileCols = 256;
 
 // Whether this build and the current device can run the fused GEMMs on `op` (dtype, alignment of
-// the TMA operands, sizes that fit the kernel's 32-bit problem shape).
+// the TMA operands, sizes that fit the kernel's 32-bit problem shape), and whether their
+// epilogues serve the call's options: logit scale, z-loss, unweighted label smoothing, any
+// reduction; not bias, soft-capping, metrics or class-weighted smoothing (see
+// sm90_fused_logits.cuh for why).
 bool fused_logits_supported(const LogitsOperands& op);
+bool fused_stats_supported(const LogitsOperands& op, const RowForwardArgs& args);
+bool fused_grad_supported(const LogitsOperands& op, const RowGradArgs& args);
 
 Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& args,
                            cudaStream_t stream);
 Status launch_logits_grad(const LogitsOperands& op, const RowGradArgs& args, cudaStream_t stream);
 
+// The label's transformed logit of each row of a statistics block whose label falls in it, into
+// args.target_z (row_kernels.cu): one dot product per row, so that the fused GEMM's epilogue needs
+// no per-element label test.
+Status launch_target_logits(const LogitsOperands& op, const RowForwardArgs& args,
+                            cudaStream_t stream);
+
 namespace sm90 {
-// One definition per (Math, dtype), in sm90_fused_logits_{stats,grad}.cu.
+// In sm90_fused_logits_{stats,grad}.cu.
 Status logits_stats_bf16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s);
 Status logits_stats_fp16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s);
 Status logits_grad_bf16(const LogitsOperands& op, const RowGradArgs& args, cudaStream_t s);

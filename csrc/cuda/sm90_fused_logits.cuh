@@ -1,8 +1,8 @@
 // Hopper (sm_90a) logits GEMMs with the row math in the epilogue: x[rows, D] W[cols, D]^T is
 // computed by a CUTLASS warp-specialized TMA + WGMMA mainloop, and each CTA tile of fp32
 // accumulators goes straight from registers into
-//   - StatsMath: the online-softmax statistics (RowState) of each row over the tile's columns and
-//     the label's logit (the forward: nothing of size rows x cols is written), or
+//   - StatsMath: the online-softmax statistics (RowState) of each row over the tile's columns
+//     (the forward: nothing of size rows x cols is written), or
 //   - GradMath: dZ of the tile from each row's known LSE (the recompute backward: dZ is written
 //     once, in the input dtype, instead of fp32 logits written, read back and rewritten).
 // The per-element and per-row formulas are those of core/row_math.h, as in the row kernels.
@@ -18,6 +18,7 @@
 #include <cutlass/gemm/dispatch_policy.hpp>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 
+#include <cstdlib>
 #include <mutex>
 
 #include "core/backend.h"
@@ -59,13 +60,23 @@ __device__ __forceinline__ float quad_max(float v) {
   return fmaxf(v, __shfl_xor_sync(kFullMask, v, 2));
 }
 
-// Raw logit (bias added) of accumulator `acc` in launch column n.
-__device__ __forceinline__ float raw_logit(float acc, const void* bias, DType bias_type,
-                                           int64_t global_col) {
-  return bias != nullptr ? acc + load_dynamic(bias, bias_type, global_col) : acc;
+// Code size decides the speed of these epilogues: every loop over a thread's accumulators is
+// unrolled (registers cannot be indexed at run time), so each per-element instruction is repeated
+// 128 times per tile. An epilogue that tested every option per element was measured at tens of
+// thousands of instructions and 3.7x the GEMM's time (instruction-cache misses stall the
+// mainloop too). So the fused GEMMs serve the options that cost a few instructions per element:
+// logit scale, z-loss, unweighted label smoothing, ignore_index, any reduction. Bias,
+// soft-capping, metrics and class-weighted smoothing take the GEMM + row kernel path
+// (fused_stats_supported / fused_grad_supported in fused_logits.cpp).
+
+// True when the whole CTA tile lies inside the launch's columns (no per-column test needed).
+__device__ __forceinline__ bool full_tile(int n_tile, int cols) {
+  return (static_cast<int64_t>(n_tile) + 1) * kFusedTileCols <= cols;
 }
 
-// Forward: per-tile RowState of every row and the label's transformed logit.
+// Forward: the RowState of every row over the tile's columns (the label's logit is computed
+// apart, by launch_target_logits: a per-element label test would cost two more instructions per
+// element).
 struct StatsMath {
   using Args = RowForwardArgs;
 
@@ -74,67 +85,58 @@ struct StatsMath {
                                int n_tile) {
     using namespace cute;
     const LossOptions& o = a.options;
-    const bool metrics = a.row_metrics != nullptr;
-    const float* wz_weights = a.class_weight;  // the smoothing sum is weighted by class
+    const bool full = full_tile(n_tile, cols);
     const bool smoothing = o.label_smoothing > 0.0f;
     constexpr int kCols = decltype(size<1>(acc))::value;
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < size<0>(acc); ++r) {
       const int m = get<0>(crd(r, 0));
-      const bool row_ok = m < rows;
-      const int64_t label =
-          row_ok ? load_label(a.labels, a.label_type, a.row_offset + m) - a.col_offset : -1;
-      // Two passes over the accumulators (z is recomputed rather than kept: 64 more registers
-      // per row would spill). Every lane of the quad then sums under the quad's max, so the
-      // merge below adds without rescaling.
+      // z in place of the accumulators (which die here); columns past the launch's end become
+      // -inf, which the max ignores and the exponential turns into 0.
+      float z[kCols];
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; ++c) z[c] = transform_logit(acc(r, c), o.logit_scale, 0.0f);
+      if (!full) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          if (get<1>(crd(r, c)) >= cols) z[c] = -INFINITY;
+        }
+      }
       float mx = -INFINITY;
       CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        const int n = get<1>(crd(r, c));
-        if (n >= cols) continue;
-        const float z = transform_logit(raw_logit(acc(r, c), a.bias, a.bias_type, a.col_offset + n),
-                                        o.logit_scale, o.softcap);
-        mx = z > mx ? z : mx;
-        if (n == label) a.target_z[m] = z;
-      }
+      for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, z[c]);
+      // Every lane of the quad sums under the quad's max, so the merge adds without rescaling.
       RowState st;
       st.max = quad_max(mx);
       CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        const int n = get<1>(crd(r, c));
-        if (n >= cols) continue;
-        const float z = transform_logit(raw_logit(acc(r, c), a.bias, a.bias_type, a.col_offset + n),
-                                        o.logit_scale, o.softcap);
-        const float e = softmax_exp(z - st.max);
-        st.sum_exp += e;
-        if (smoothing) {
-          st.sum_wz += (wz_weights != nullptr ? wz_weights[a.col_offset + n] : 1.0f) * z;
-        }
-        if (metrics) {
-          st.sum_exp_z += e * z;
-          st.sum_z2 += z * z;
-          if (z > st.best) {  // columns ascend within a thread: the first maximum wins
-            st.best = z;
-            st.argmax = a.col_offset + n;
-          }
+      for (int c = 0; c < kCols; ++c) st.sum_exp += softmax_exp(z[c] - st.max);
+      if (smoothing) {  // unweighted: the sum of z over the valid columns
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          if (full || get<1>(crd(r, c)) < cols) st.sum_wz += z[c];
         }
       }
       quad_merge(st);
-      if (row_ok && (threadIdx.x % 4) == 0) a.partials[m * a.partials_ld + n_tile] = st;
+      if (m < rows && (threadIdx.x % 4) == 0) a.partials[m * a.partials_ld + n_tile] = st;
     }
   }
 };
 
-// Recompute backward: dZ of the tile, written in the input dtype.
-template <class Element>
+// Recompute backward: dZ of the tile, written in the input dtype (T) as adjacent column pairs
+// (the host checks that ldz is even and dz 4-byte aligned).
+template <class T>
 struct GradMath {
   using Args = RowGradArgs;
 
   template <class Acc, class Crd>
   __device__ static void apply(const Args& a, const Acc& acc, const Crd& crd, int rows, int cols,
-                               int /*n_tile*/) {
+                               int n_tile) {
     using namespace cute;
-    const LossOptions& o = a.options;
+    // No soft-cap (nor bias or class weights): the same formulas with those as constants, which
+    // the compiler folds away.
+    LossOptions o = a.options;
+    o.softcap = 0.0f;
+    const bool full = full_tile(n_tile, cols);
     constexpr int kCols = decltype(size<1>(acc))::value;
     static_assert(kCols % 2 == 0, "columns come in adjacent pairs");
     CUTLASS_PRAGMA_UNROLL
@@ -142,29 +144,23 @@ struct GradMath {
       const int m = get<0>(crd(r, 0));
       if (m >= rows) continue;
       const RowGrad rg = row_grad_of(a, a.row_offset + m);
-      // Class weights only enter the gradient through label smoothing.
-      const float* weights = rg.k.coef_weight != 0.0f ? a.class_weight : nullptr;
-      Element* out = static_cast<Element*>(a.dz) + static_cast<int64_t>(m) * a.ldz;
+      T* out = static_cast<T*>(a.dz) + static_cast<int64_t>(m) * a.ldz;
+      const int64_t label = rg.label - a.col_offset;  // in the launch's columns
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < kCols; c += 2) {
-        const int n = get<1>(crd(r, c));  // column n + 1 holds c + 1
+        const int n = get<1>(crd(r, c));  // even; column n + 1 holds c + 1
         float g[2] = {0.0f, 0.0f};
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < 2; ++i) {
-          const int64_t col = a.col_offset + n + i;
-          if (rg.zero || n + i >= cols) continue;
-          const float z = transform_logit(raw_logit(acc(r, c + i), a.bias, a.bias_type, col),
-                                          o.logit_scale, o.softcap);
-          g[i] = raw_logit_grad(rg.k, z, rg.lse, col == rg.label, weights ? weights[col] : 1.0f,
-                                o);
-        }
-        if (n + 1 < cols && a.ldz % 2 == 0) {  // n is even: a 4-byte aligned pair
-          store_vec<Element, 2>(out + n, g);
-        } else {
+        if (!rg.zero) {
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < 2; ++i) {
-            if (n + i < cols) out[n + i] = from_float<Element>(g[i]);
+            const float z = transform_logit(acc(r, c + i), o.logit_scale, 0.0f);
+            g[i] = raw_logit_grad(rg.k, z, rg.lse, n + i == label, 1.0f, o);
           }
+        }
+        if (full || n + 1 < cols) {
+          store_vec<T, 2>(out + n, g);
+        } else if (n < cols) {
+          out[n] = from_float<T>(g[0]);
         }
       }
     }
@@ -293,6 +289,11 @@ Status run_fused_logits(const LogitsOperands& op, const typename Math::Args& arg
        static_cast<const Element*>(op.weight), typename Mainloop::StrideB{op.ldw, cute::_1{}, 0}},
       args,
       hw};
+  // EXPERIMENT (not to be committed)
+  if (const char* e = std::getenv("FLCE_EXP_SWIZZLE")) ka.scheduler.max_swizzle_size = std::atoi(e);
+  if (const char* e = std::getenv("FLCE_EXP_RASTER")) {
+    ka.scheduler.raster_order = static_cast<decltype(ka.scheduler.raster_order)>(std::atoi(e));
+  }
   if (!Kernel::can_implement(ka)) {
     return Status::Error(StatusCode::kInvalidArgument,
                          "fused logits GEMM: CUTLASS cannot implement rows " +

@@ -384,6 +384,18 @@ void all_options(Case& c) {
   c.x_pad = 3;
 }
 
+// The options the fused logits GEMMs serve themselves (16-bit inputs with aligned rows, compute
+// capability 9.0): everything but bias, soft-capping, metrics and class-weighted smoothing.
+void fusable_options(Case& c) {
+  c.options.ignore_index = 9;
+  c.options.label_smoothing = 0.05f;
+  c.options.z_loss = 1e-3f;
+  c.options.logit_scale = -0.8f;
+  c.int32_labels = true;
+  c.metrics = false;
+  c.x_pad = 8;
+}
+
 std::vector<CudaParam> cuda_params() {
   std::vector<CudaParam> out;
   uint64_t seed = 900;
@@ -464,9 +476,40 @@ std::vector<CudaParam> cuda_params() {
       p.choice.plan.forward_vocab_chunk = 24;  // forward rows split into vocabulary blocks
       p.name = dn + "_token_outer_split_forward";
       out.push_back(p);
-      if (sh.aligned_rows) {  // the same chunks without the fused logits GEMMs
-        p.choice.plan.fused_logits = false;
-        p.name = dn + "_token_outer_split_forward_unfused";
+      if (!sh.aligned_rows) continue;
+      // The fused logits GEMMs' own options, through every strategy and chunking above, then
+      // the same without them.
+      for (bool fused : {true, false}) {
+        const std::string suffix = fused ? "_fusable" : "_fusable_unfused";
+        for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
+          p = CudaParam();
+          p.c = base();
+          fusable_options(p.c);
+          p.c.options.reduction = s == Strategy::kRecompute ? Reduction::kNone : Reduction::kSum;
+          p.c.grad_lse = s == Strategy::kRecompute;
+          p.choice.strategy = s;
+          if (!fused) {
+            p.choice.manual = true;
+            p.choice.plan = cuda_plan(p.c, PlanChoice{s, kDefaultMemoryBudget, false, Plan()});
+            p.choice.plan.fused_logits = false;
+          }
+          p.name = dn + "_" + strategy_name(s) + suffix;
+          out.push_back(p);
+        }
+        p = CudaParam();
+        p.c = base();
+        fusable_options(p.c);
+        p.choice.manual = true;
+        p.choice.plan.strategy = Strategy::kRecompute;
+        p.choice.plan.fused_logits = fused;
+        p.choice.plan.forward_token_chunk = 150;
+        p.choice.plan.forward_vocab_chunk = 600;  // two vocabulary blocks per row, one partial
+        p.choice.plan.backward_token_chunk = 200;
+        p.choice.plan.backward_vocab_chunk = 700;
+        p.name = dn + "_recompute_chunks" + suffix;
+        out.push_back(p);
+        p.choice.plan.backward_order = BackwardOrder::kTokenOuter;
+        p.name = dn + "_token_outer_chunks" + suffix;
         out.push_back(p);
       }
     }
@@ -1013,7 +1056,8 @@ TEST(CudaEdge, BeyondInt32Elements) {
 // The fused logits GEMMs against the GEMM + row kernel path, primitive by primitive, on a bf16
 // block of several partial CTA tiles: every dZ element and every partial statistic is written
 // (the outputs start as NaN), and both paths agree. Runs where the fused GEMMs can (CUTLASS built
-// in, compute capability 9.0), and checks they are taken exactly there.
+// in, compute capability 9.0), and checks they are taken exactly there and for exactly the
+// options they serve.
 TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
   SKIP_WITHOUT_DEVICE();
   Case c;
@@ -1021,9 +1065,8 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
   c.v = 1000;
   c.d = 72;
   c.dtype = DType::kBFloat16;
-  all_options(c);
-  c.x_pad = 8;
-  c.options.softcap = 0.0f;  // softcap and scale both stay in all_options' other cases
+  fusable_options(c);
+  c.options.reduction = Reduction::kSum;
   const Inputs in = make_inputs(c);
   const DeviceInputs d = upload(c, in);
   const int64_t n = c.n, v = c.v;
@@ -1042,28 +1085,55 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
   op.cols = cols;
   op.hidden = c.d;
 
+  // The statistics block's arguments (the run below sets its columns and outputs).
+  detail::RowForwardArgs rf;
+  rf.rows = rows;
+  rf.cols = cols;
+  rf.col_offset = v0;
+  rf.vocab_size = v;
+  rf.row_offset = t0;
+  rf.labels = d.labels.raw();
+  rf.label_type = in.label_type();
+  rf.options = c.options;
+
   int device = 0, major = 0, minor = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   const bool expected = FLCE_WITH_CUTLASS && major == 9 && minor == 0;
-  ASSERT_EQ(be->fused_logits(op), expected);
+  ASSERT_EQ(be->fused_stats(op, rf), expected);
   if (!expected) GTEST_SKIP() << "no fused logits GEMMs on this build or device";
   detail::LogitsOperands other = op;
   other.dtype = DType::kFloat32;
-  EXPECT_FALSE(be->fused_logits(other)) << "fp32 inputs take the cuBLASLt path";
+  EXPECT_FALSE(be->fused_stats(other, rf)) << "fp32 inputs take the cuBLASLt path";
   other = op;
   other.ldx = in.x_stride + 1;
-  EXPECT_FALSE(be->fused_logits(other)) << "TMA needs row pitches of 16 bytes";
+  EXPECT_FALSE(be->fused_stats(other, rf)) << "TMA needs row pitches of 16 bytes";
   other = op;
   other.x = static_cast<const char*>(op.x) + 2;
-  EXPECT_FALSE(be->fused_logits(other)) << "TMA needs 16-byte aligned operands";
+  EXPECT_FALSE(be->fused_stats(other, rf)) << "TMA needs 16-byte aligned operands";
+  {
+    detail::RowForwardArgs o = rf;
+    o.bias = d.x.raw();
+    EXPECT_FALSE(be->fused_stats(op, o)) << "bias takes the row kernels";
+    o = rf;
+    o.options.softcap = 5.0f;
+    EXPECT_FALSE(be->fused_stats(op, o)) << "soft-capping takes the row kernels";
+    o = rf;
+    o.row_metrics = static_cast<float*>(d.x.raw());
+    EXPECT_FALSE(be->fused_stats(op, o)) << "metrics take the row kernels";
+    o = rf;
+    o.class_weight = static_cast<const float*>(d.x.raw());
+    EXPECT_FALSE(be->fused_stats(op, o)) << "class-weighted smoothing takes the row kernels";
+    o.options.label_smoothing = 0.0f;
+    EXPECT_TRUE(be->fused_stats(op, o)) << "class weights without smoothing stay fused";
+  }
 
   DeviceBuffer scalars(sizeof(float) * detail::kNumScalars);
   detail::PrepareArgs prep;
   prep.labels = d.labels.raw();
   prep.label_type = in.label_type();
-  prep.class_weight = static_cast<const float*>(d.class_weight.raw());
+  prep.class_weight = nullptr;
   prep.num_tokens = n;
   prep.vocab_size = v;
   prep.ignore_index = c.options.ignore_index;
@@ -1077,23 +1147,16 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
   std::vector<std::vector<float>> lse(2), loss(2);
   for (int fused = 0; fused < 2; ++fused) {
     DeviceBuffer row_loss(sizeof(float) * n), lse_out(sizeof(float) * n),
-        metrics(sizeof(float) * n * detail::kNumRowMetrics),
         carry(sizeof(detail::RowCarry) * n);
     // Rows' first 200 columns: through the unfused path in both runs, as the carry's start.
-    detail::RowForwardArgs rf;
-    rf.rows = rows;
-    rf.vocab_size = v;
-    rf.row_offset = t0;
-    rf.bias = d.bias.raw();
-    rf.bias_type = c.dtype;
-    rf.labels = d.labels.raw();
-    rf.label_type = in.label_type();
-    rf.class_weight = static_cast<const float*>(d.class_weight.raw());
-    rf.options = c.options;
+    rf.cols = v0;
+    rf.col_offset = 0;
+    rf.partials = nullptr;
+    rf.partials_ld = 0;
+    rf.target_z = nullptr;
     rf.scalars = static_cast<const float*>(scalars.raw());
     rf.row_loss = static_cast<float*>(row_loss.raw());
     rf.lse = static_cast<float*>(lse_out.raw());
-    rf.row_metrics = static_cast<float*>(metrics.raw());
     rf.carry = static_cast<detail::RowCarry*>(carry.raw());
     detail::GemmArgs g;
     g.m = rows;
@@ -1127,7 +1190,7 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
       std::vector<detail::RowState> got(rows * tiles);
       partials.download(got.data(), partials.bytes());
       for (int64_t i = 0; i < rows * tiles; ++i) {
-        ASSERT_TRUE(std::isfinite(got[i].max) && got[i].sum_exp >= 1.0f && got[i].argmax >= v0)
+        ASSERT_TRUE(std::isfinite(got[i].max) && got[i].sum_exp >= 1.0f)
             << "partial " << i << " (row " << i / tiles << ", tile " << i % tiles
             << ") not written";
       }
@@ -1159,18 +1222,15 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
   rg.row_offset = t0;
   rg.col_offset = v0;
   rg.vocab_size = v;
-  rg.bias = d.bias.raw();
-  rg.bias_type = c.dtype;
   rg.labels = d.labels.raw();
   rg.label_type = in.label_type();
-  rg.class_weight = static_cast<const float*>(d.class_weight.raw());
   rg.options = c.options;
   rg.scalars = static_cast<const float*>(scalars.raw());
   DeviceBuffer lse_in = to_device(lse[0]);
   rg.lse = static_cast<const float*>(lse_in.raw());
   rg.grad_loss = static_cast<const float*>(d.grad_loss.raw());
   rg.dz_type = c.dtype;
-  rg.ldz = cols + 3;  // odd: the pair stores fall back to single ones
+  rg.ldz = cols + 6;  // a pitch of its own (even: the fused dZ is stored in pairs)
   std::vector<TypedBuffer> dz(2, TypedBuffer(c.dtype, rows * rg.ldz));
   for (int fused = 0; fused < 2; ++fused) {
     DeviceBuffer out(2 * rows * rg.ldz);
