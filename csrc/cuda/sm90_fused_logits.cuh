@@ -10,8 +10,13 @@
 // Included by the sm90_fused_logits_*.cu files only: each instantiates one Math for bf16 and fp16.
 #pragma once
 
+#ifndef NDEBUG
+#error "sm90_fused_logits.cuh needs NDEBUG (see sm90_fused_logits_stats.cu)"
+#endif
+
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
+#include <cutlass/cluster_launch.hpp>
 #include <cutlass/device_kernel.h>
 #include <cutlass/epilogue/collective/detail.hpp>
 #include <cutlass/gemm/collective/collective_builder.hpp>
@@ -20,6 +25,7 @@
 
 #include <cstdlib>
 #include <mutex>
+#include <type_traits>
 
 #include "core/backend.h"
 #include "core/row_math.h"
@@ -29,11 +35,18 @@
 
 namespace flce::detail::cuda::sm90 {
 
-// One CTA tile: 128 rows (two consumer warpgroups of 64) x 256 columns, K steps of 64. The
-// columns of a tile are those of one partial RowState (kFusedTileCols).
-using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
-using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-static_assert(cute::size<1>(TileShape{}) == kFusedTileCols, "one partial RowState per CTA tile");
+// The kernel's shape: CTA tile (rows, columns, K step), cluster, and mainloop schedule. The
+// default is one CTA tile of 128 rows (two consumer warpgroups of 64) x 256 columns, K steps of 64;
+// a statistics kernel needs tiles of kFusedTileCols columns (one partial RowState per tile).
+template <class TileShape_, class ClusterShape_, class Schedule_>
+struct FusedConfig {
+  using TileShape = TileShape_;
+  using ClusterShape = ClusterShape_;
+  using Schedule = Schedule_;
+};
+using DefaultFusedConfig =
+    FusedConfig<cute::Shape<cute::_128, cute::_256, cute::_64>, cute::Shape<cute::_1, cute::_1, cute::_1>,
+                cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
 
 // A warpgroup MMA accumulator fragment is ((2, 2, N/8), MMA_M, MMA_N): value mode 0 steps to the
 // next column, mode 1 to the row 8 below, mode 2 to the columns 8 to the right. Viewed as
@@ -242,17 +255,18 @@ struct CutlassElement<__half> {
   using type = cutlass::half_t;
 };
 
-template <class Element, class Math>
+template <class Element, class Math, class Config>
 struct FusedLogitsKernel {
   using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
       RowMathEpilogue<Element, Math>>;
   // x is [rows, D] row-major (A, K-major); W is [cols, D] row-major, i.e. B = W^T column-major.
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, 8,
-      Element, cutlass::layout::ColumnMajor, 8, float, TileShape, ClusterShape,
+      Element, cutlass::layout::ColumnMajor, 8, float, typename Config::TileShape,
+      typename Config::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::TensorStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      typename Config::Schedule>::CollectiveOp;
   using Kernel =
       cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
 };
@@ -271,12 +285,15 @@ inline int sm_count(int device) {
 
 // Launches the fused GEMM of `op` (T: the CUDA element type) on `stream`. The caller has checked
 // fused_logits_supported(op).
-template <class T, class Math>
+template <class T, class Math, class Config = DefaultFusedConfig>
 Status run_fused_logits(const LogitsOperands& op, const typename Math::Args& args,
                         cudaStream_t stream) {
+  static_assert(!std::is_same_v<Math, StatsMath> ||
+                    cute::size<1>(typename Config::TileShape{}) == kFusedTileCols,
+                "a statistics kernel writes one partial RowState per kFusedTileCols columns");
   using Element = typename CutlassElement<T>::type;
-  using Kernel = typename FusedLogitsKernel<Element, Math>::Kernel;
-  using Mainloop = typename FusedLogitsKernel<Element, Math>::Mainloop;
+  using Kernel = typename FusedLogitsKernel<Element, Math, Config>::Kernel;
+  using Mainloop = typename FusedLogitsKernel<Element, Math, Config>::Mainloop;
   int device = 0;
   FLCE_CUDA_CHECK(cudaGetDevice(&device));
   cutlass::KernelHardwareInfo hw;
@@ -308,8 +325,20 @@ Status run_fused_logits(const LogitsOperands& op, const typename Math::Args& arg
   // Per device (a host call, no synchronization).
   FLCE_CUDA_CHECK(cudaFuncSetAttribute(cutlass::device_kernel<Kernel>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-  cutlass::device_kernel<Kernel>
-      <<<Kernel::get_grid_shape(params), Kernel::get_block_shape(), kSmem, stream>>>(params);
+  const dim3 grid = Kernel::get_grid_shape(params), block = Kernel::get_block_shape();
+  using Cluster = typename Config::ClusterShape;
+  if constexpr (cute::size(Cluster{}) == 1) {
+    cutlass::device_kernel<Kernel><<<grid, block, kSmem, stream>>>(params);
+  } else {
+    const dim3 cluster(cute::size<0>(Cluster{}), cute::size<1>(Cluster{}),
+                       cute::size<2>(Cluster{}));
+    void* kernel_params[] = {const_cast<typename Kernel::Params*>(&params)};
+    if (cutlass::ClusterLauncher::launch(grid, cluster, block, kSmem, stream,
+                                         reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>),
+                                         kernel_params) != cutlass::Status::kSuccess) {
+      return Status::Error(StatusCode::kBackendError, "fused logits GEMM: cluster launch failed");
+    }
+  }
   FLCE_CUDA_CHECK_LAUNCH("fused logits GEMM");
   return Status::Ok();
 }
