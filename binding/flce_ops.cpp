@@ -122,9 +122,10 @@ Plan to_plan(c10::IntArrayRef v) {
   p.forward_vocab_chunk = v[kPlanForwardVocabChunk];
   p.backward_order = static_cast<BackwardOrder>(v[kPlanBackwardOrder]);
   p.gemm_scratch_bytes = static_cast<size_t>(v[kPlanGemmScratchBytes]);
-  TORCH_CHECK_VALUE(v[kPlanFusedLogits] <= 1, "plan: fused_logits must be 0 or 1, got ",
+  TORCH_CHECK_VALUE(v[kPlanFusedLogits] <= 2,
+                    "plan: fused_logits must be 0 (off), 1 (auto) or 2 (always), got ",
                     v[kPlanFusedLogits]);
-  p.fused_logits = v[kPlanFusedLogits] == 1;
+  p.fused_logits = static_cast<FusedLogits>(v[kPlanFusedLogits]);
   return p;
 }
 

@@ -31,6 +31,9 @@ PLAN_FIELDS = (
     "gemm_scratch_bytes",
     "fused_logits",
 )
+# flce::FusedLogits
+FUSED_LOGITS = {"off": 0, "auto": 1, "always": 2}
+FUSED_LOGITS_NAMES = {code: name for name, code in FUSED_LOGITS.items()}
 # flce::BackwardOrder
 BACKWARD_ORDERS = {"vocab_outer": 0, "token_outer": 1}
 BACKWARD_ORDER_NAMES = {code: name for name, code in BACKWARD_ORDERS.items()}

@@ -445,5 +445,5 @@ def plan(
     out = dict(zip(_ops.PLAN_FIELDS, values))
     out["strategy"] = _ops.STRATEGY_NAMES[out["strategy"]]
     out["backward_order"] = _ops.BACKWARD_ORDER_NAMES[out["backward_order"]]
-    out["fused_logits"] = bool(out["fused_logits"])
+    out["fused_logits"] = _ops.FUSED_LOGITS_NAMES[out["fused_logits"]]
     return out

@@ -173,6 +173,9 @@ class Backend {
   virtual bool fused_grad(const LogitsOperands& /*op*/, const RowGradArgs& /*args*/) const {
     return false;
   }
+  // Whether the fused dZ GEMM is expected to beat GEMM + rows_grad on a block of these operands
+  // (FusedLogits::kAuto asks; kAlways does not).
+  virtual bool fused_grad_pays(const LogitsOperands& /*op*/) const { return false; }
   virtual Status logits_stats(const LogitsOperands& op, const RowForwardArgs& args);
   virtual Status logits_grad(const LogitsOperands& op, const RowGradArgs& args);
 };

@@ -291,7 +291,7 @@ LogitsOperands logits_operands(const P& p, const void* x_block, int64_t rows, in
 // logits block would go.
 bool fused_stats_fit(const Plan& plan, const BackendTraits& traits, const Backend& be,
                      const LogitsOperands& op, const RowForwardArgs& rf) {
-  if (!plan.fused_logits || traits.fused_tile_cols <= 0) return false;
+  if (plan.fused_logits == FusedLogits::kOff || traits.fused_tile_cols <= 0) return false;
   const int64_t tiles = (op.cols + traits.fused_tile_cols - 1) / traits.fused_tile_cols;
   const int64_t bytes = tiles * static_cast<int64_t>(sizeof(RowState)) + 4;
   return bytes <= op.cols * 4 && be.fused_stats(op, rf);
@@ -319,10 +319,13 @@ Status stats_block(Backend& be, const Plan& plan, const BackendTraits& traits,
 }
 
 // dZ of a recompute block (rg filled by row_grad_args, logits = the fp32 block scratch): through
-// the fused GEMM when the plan allows it and the backend can, else logits then the row kernel.
+// the fused GEMM when the plan asks for it (kAuto: where the backend expects a gain) and the
+// backend can, else logits then the row kernel.
 Status grad_block(Backend& be, const Plan& plan, const LogitsOperands& op, const RowGradArgs& rg,
                   float* logits) {
-  if (plan.fused_logits && be.fused_grad(op, rg)) {
+  const bool fused = plan.fused_logits == FusedLogits::kAlways ||
+                     (plan.fused_logits == FusedLogits::kAuto && be.fused_grad_pays(op));
+  if (fused && be.fused_grad(op, rg)) {
     return be.logits_grad(op, rg);
   }
   FLCE_RETURN_IF_ERROR(be.gemm(make_gemm(op.rows, op.cols, op.hidden,
@@ -386,7 +389,9 @@ Status run_forward(Device device, const ForwardParams& p) {
   float* row_loss = p.options.reduction == Reduction::kNone
                         ? p.loss
                         : reinterpret_cast<float*>(at(ws, l.row_loss));
-  float* row_metrics = reinterpret_cast<float*>(at(ws, l.row_metrics));
+  // Per-row metrics only when the caller asked for them (the row math then skips their sums).
+  float* row_metrics =
+      p.metrics != nullptr ? reinterpret_cast<float*>(at(ws, l.row_metrics)) : nullptr;
   float* logits = reinterpret_cast<float*>(at(ws, l.logits));
   const DType dz_type = traits.dz_type(p.dtype);
   const int64_t chunk = plan.forward_token_chunk;

@@ -61,6 +61,9 @@ class CudaBackend final : public Backend {
   bool fused_grad(const LogitsOperands& op, const RowGradArgs& args) const override {
     return cuda::fused_grad_supported(op, args);
   }
+  bool fused_grad_pays(const LogitsOperands& op) const override {
+    return cuda::fused_grad_pays(op);
+  }
   Status logits_stats(const LogitsOperands& op, const RowForwardArgs& args) override {
     return cuda::launch_logits_stats(op, args, stream_);
   }

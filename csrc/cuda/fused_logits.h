@@ -12,7 +12,8 @@
 
 namespace flce::detail::cuda {
 
-// Columns of one CTA tile, summarized by one partial RowState.
+// Rows and columns of one CTA tile; the columns of a tile are summarized by one partial RowState.
+constexpr int64_t kFusedTileRows = 128;
 constexpr int64_t kFusedTileCols = 256;
 
 // Whether this build and the current device can run the fused GEMMs on `op` (dtype, alignment of
@@ -23,6 +24,8 @@ constexpr int64_t kFusedTileCols = 256;
 bool fused_logits_supported(const LogitsOperands& op);
 bool fused_stats_supported(const LogitsOperands& op, const RowForwardArgs& args);
 bool fused_grad_supported(const LogitsOperands& op, const RowGradArgs& args);
+// Whether the fused dZ GEMM is expected to be faster than cuBLASLt + the row kernel on `op`.
+bool fused_grad_pays(const LogitsOperands& op);
 
 Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& args,
                            cudaStream_t stream);

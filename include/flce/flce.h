@@ -104,6 +104,11 @@ struct Problem {
   bool needs_grad_lse = false;
 };
 
+// kAuto: where the backend can run them and expects them to be faster (the CUDA backend fuses
+// dZ only for blocks of several waves of CTA tiles); kAlways: wherever it can (tests, tuning);
+// kOff: never.
+enum class FusedLogits : int32_t { kOff = 0, kAuto = 1, kAlways = 2 };
+
 struct Plan {
   Strategy strategy = Strategy::kRecompute;
   // Rows of one forward logits block [forward_token_chunk, V] (both strategies).
@@ -124,11 +129,10 @@ struct Plan {
   // Scratch for the backend's GEMMs, carved from the workspace; 0 means the backend's preferred
   // size (the planner lowers it under small budgets, never below the backend's minimum).
   size_t gemm_scratch_bytes = 0;
-  // Let the backend compute statistics-only forward blocks and recompute dZ blocks with its fused
-  // logits GEMMs (CUDA on compute capability 9.0, 16-bit inputs: the row math runs in the GEMM's
-  // epilogue and no logits block is stored) where they apply; false always takes the GEMM + row
-  // kernel path.
-  bool fused_logits = true;
+  // Whether statistics-only forward blocks and recompute dZ blocks run through the backend's
+  // fused logits GEMMs (CUDA on compute capability 9.0, 16-bit inputs: the row math runs in the
+  // GEMM's epilogue and no logits block is stored) instead of a GEMM + the row kernels.
+  FusedLogits fused_logits = FusedLogits::kAuto;
   size_t forward_workspace_bytes = 0;
   size_t backward_workspace_bytes = 0;
   // The smallest budget in which the strategies allowed by the request (all, or the forced one)

@@ -488,11 +488,10 @@ std::vector<CudaParam> cuda_params() {
           p.c.options.reduction = s == Strategy::kRecompute ? Reduction::kNone : Reduction::kSum;
           p.c.grad_lse = s == Strategy::kRecompute;
           p.choice.strategy = s;
-          if (!fused) {
-            p.choice.manual = true;
-            p.choice.plan = cuda_plan(p.c, PlanChoice{s, kDefaultMemoryBudget, false, Plan()});
-            p.choice.plan.fused_logits = false;
-          }
+          p.choice.manual = true;
+          p.choice.plan = cuda_plan(p.c, PlanChoice{s, kDefaultMemoryBudget, false, Plan()});
+          // Always: the test blocks are far below the size where dZ is fused by default.
+          p.choice.plan.fused_logits = fused ? FusedLogits::kAlways : FusedLogits::kOff;
           p.name = dn + "_" + strategy_name(s) + suffix;
           out.push_back(p);
         }
@@ -501,7 +500,7 @@ std::vector<CudaParam> cuda_params() {
         fusable_options(p.c);
         p.choice.manual = true;
         p.choice.plan.strategy = Strategy::kRecompute;
-        p.choice.plan.fused_logits = fused;
+        p.choice.plan.fused_logits = fused ? FusedLogits::kAlways : FusedLogits::kOff;
         p.choice.plan.forward_token_chunk = 150;
         p.choice.plan.forward_vocab_chunk = 600;  // two vocabulary blocks per row, one partial
         p.choice.plan.backward_token_chunk = 200;
@@ -1230,7 +1229,7 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
   rg.lse = static_cast<const float*>(lse_in.raw());
   rg.grad_loss = static_cast<const float*>(d.grad_loss.raw());
   rg.dz_type = c.dtype;
-  rg.ldz = cols + 6;  // a pitch of its own (even: the fused dZ is stored in pairs)
+  rg.ldz = cols + 8;  // a pitch of its own (a multiple of 8: the fused dZ is stored 16 bytes at a time)
   std::vector<TypedBuffer> dz(2, TypedBuffer(c.dtype, rows * rg.ldz));
   for (int fused = 0; fused < 2; ++fused) {
     DeviceBuffer out(2 * rows * rg.ldz);

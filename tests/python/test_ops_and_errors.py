@@ -12,7 +12,8 @@ def plan_list(n, v, d, dtype, device, strategy, **kw):
     p = flce.plan(n, v, d, dtype, device, strategy=strategy, **kw)
     p["strategy"] = _ops.STRATEGIES[p["strategy"]]
     p["backward_order"] = _ops.BACKWARD_ORDERS[p["backward_order"]]
-    return [int(p[k]) for k in _ops.PLAN_FIELDS]
+    p["fused_logits"] = _ops.FUSED_LOGITS[p["fused_logits"]]
+    return [p[k] for k in _ops.PLAN_FIELDS]
 
 
 OPTIONS = (-100, 0, 0.1, 1e-3, 4.0, 1.1)  # ignore_index, mean, smoothing, z_loss, softcap, scale
