@@ -116,7 +116,6 @@ Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& a,
   if (!a.labels || (a.col_offset < 0 || a.col_offset + a.cols > a.vocab_size)) {
     return invalid("logits_stats: labels must be given and the columns lie within vocab_size");
   }
-  FLCE_CUDA_RETURN_IF_ERROR(launch_target_logits(op, a, stream));
 #if FLCE_WITH_CUTLASS
   return op.dtype == DType::kBFloat16 ? sm90::logits_stats_bf16(op, a, stream)
                                       : sm90::logits_stats_fp16(op, a, stream);

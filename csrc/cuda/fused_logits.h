@@ -31,12 +31,6 @@ Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& args,
                            cudaStream_t stream);
 Status launch_logits_grad(const LogitsOperands& op, const RowGradArgs& args, cudaStream_t stream);
 
-// The label's transformed logit of each row of a statistics block whose label falls in it, into
-// args.target_z (row_kernels.cu): one dot product per row, so that the fused GEMM's epilogue needs
-// no per-element label test.
-Status launch_target_logits(const LogitsOperands& op, const RowForwardArgs& args,
-                            cudaStream_t stream);
-
 namespace sm90 {
 // In sm90_fused_logits_{stats,grad}.cu.
 Status logits_stats_bf16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s);

@@ -305,38 +305,6 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSm)
   write_row_grad<LogitT, DzT, VEC>(x, dz, vocab, 0, a.bias, a.bias_type, a.class_weight, o, rg);
 }
 
-// The label's logit of each row of a block whose statistics a fused logits GEMM computes: one warp
-// per row, a dot product of the row of x with the label's row of W (16-byte loads: the fused
-// GEMM's operands are aligned so). Rows whose label is outside the block write nothing.
-constexpr int kTargetWarps = 8;
-
-template <typename T>
-__global__ void __launch_bounds__(kTargetWarps* kWarpSize)
-    target_logits_kernel(LogitsOperands op, RowForwardArgs a) {
-  constexpr int kVec = 16 / sizeof(T);
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kTargetWarps + threadIdx.x / kWarpSize;
-  if (r >= a.rows) return;  // whole warps
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t label = load_label(a.labels, a.label_type, a.row_offset + r);
-  if (label < a.col_offset || label >= a.col_offset + a.cols) return;
-  const T* x = static_cast<const T*>(op.x) + r * op.ldx;
-  const T* w = static_cast<const T*>(op.weight) + (label - a.col_offset) * op.ldw;
-  float dot = 0.0f;
-  for (int64_t k = static_cast<int64_t>(lane) * kVec; k < op.hidden; k += kWarpSize * kVec) {
-    float xv[kVec], wv[kVec];
-    load_vec<T, kVec>(x + k, xv);
-    load_vec<T, kVec>(w + k, wv);
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) dot += xv[i] * wv[i];
-  }
-#pragma unroll
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) dot += __shfl_xor_sync(kFullMask, dot, m);
-  if (lane == 0) {
-    if (a.bias != nullptr) dot += load_dynamic(a.bias, a.bias_type, label);
-    a.target_z[r] = transform_logit(dot, a.options.logit_scale, a.options.softcap);
-  }
-}
-
 // Rows of a block whose statistics a fused logits GEMM left as per-tile partial RowStates: merges
 // them in a fixed order (deterministic), then finishes the row as rows_forward_kernel does.
 constexpr int kPartialThreads = 128;
@@ -485,27 +453,6 @@ Status launch_rows_grad(const RowGradArgs& a, cudaStream_t stream) {
     FLCE_CUDA_CHECK_LAUNCH("rows_grad_kernel");
     return Status::Ok();
   });
-}
-
-Status launch_target_logits(const LogitsOperands& op, const RowForwardArgs& a,
-                            cudaStream_t stream) {
-  if (a.rows == 0) return Status::Ok();
-  if (op.hidden % 8 != 0 || op.ldx % 8 != 0 || op.ldw % 8 != 0 || !is_aligned(op.x, 16) ||
-      !is_aligned(op.weight, 16) || op.rows != a.rows || a.target_z == nullptr) {
-    return invalid(
-        "target_logits: needs 16-byte aligned x and W rows, a hidden size that is a multiple of "
-        "8, and target_z for the block's rows");
-  }
-  const unsigned blocks = static_cast<unsigned>((a.rows + kTargetWarps - 1) / kTargetWarps);
-  if (op.dtype == DType::kBFloat16) {
-    target_logits_kernel<__nv_bfloat16><<<blocks, kTargetWarps * kWarpSize, 0, stream>>>(op, a);
-  } else if (op.dtype == DType::kFloat16) {
-    target_logits_kernel<__half><<<blocks, kTargetWarps * kWarpSize, 0, stream>>>(op, a);
-  } else {
-    return invalid("target_logits: expects bf16 or fp16 operands");
-  }
-  FLCE_CUDA_CHECK_LAUNCH("target_logits_kernel");
-  return Status::Ok();
 }
 
 }  // namespace flce::detail::cuda
