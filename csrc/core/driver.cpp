@@ -309,10 +309,9 @@ Status stats_block(Backend& be, const Plan& plan, const BackendTraits& traits,
     FLCE_RETURN_IF_ERROR(be.logits_stats(op, rf));
     return be.rows_forward(rf);
   }
-  FLCE_RETURN_IF_ERROR(be.gemm(make_gemm(op.rows, op.cols, op.hidden,
-                                         {op.x, op.ldx, op.dtype, false},
-                                         {op.weight, op.ldw, op.dtype, true}, logits, op.cols,
-                                         DType::kFloat32, false)));
+  FLCE_RETURN_IF_ERROR(be.gemm(
+      make_gemm(op.rows, op.cols, op.hidden, {op.x, op.ldx, op.dtype, false},
+                {op.weight, op.ldw, op.dtype, true}, logits, op.cols, DType::kFloat32, false)));
   rf.logits = logits;
   rf.ld = op.cols;
   return be.rows_forward(rf);
@@ -328,10 +327,9 @@ Status grad_block(Backend& be, const Plan& plan, const LogitsOperands& op, const
   if (fused && be.fused_grad(op, rg)) {
     return be.logits_grad(op, rg);
   }
-  FLCE_RETURN_IF_ERROR(be.gemm(make_gemm(op.rows, op.cols, op.hidden,
-                                         {op.x, op.ldx, op.dtype, false},
-                                         {op.weight, op.ldw, op.dtype, true},
-                                         logits, op.cols, DType::kFloat32, false)));
+  FLCE_RETURN_IF_ERROR(be.gemm(
+      make_gemm(op.rows, op.cols, op.hidden, {op.x, op.ldx, op.dtype, false},
+                {op.weight, op.ldw, op.dtype, true}, logits, op.cols, DType::kFloat32, false)));
   return be.rows_grad(rg);
 }
 
@@ -418,8 +416,8 @@ Status run_forward(Device device, const ForwardParams& p) {
         rf.cols = cols;
         rf.col_offset = v0;
         rf.carry = carry;
-        FLCE_RETURN_IF_ERROR(
-            stats_block(*be, plan, traits, logits_operands(p, x_chunk, rows, v0, cols), rf, logits));
+        FLCE_RETURN_IF_ERROR(stats_block(*be, plan, traits,
+                                         logits_operands(p, x_chunk, rows, v0, cols), rf, logits));
       }
       continue;
     }
@@ -626,11 +624,11 @@ Status run_backward(Device device, const BackwardParams& p) {
       const int64_t rows = std::min(bt, n - t0);
       // dZ of x[t0:] W[v0:]^T
       const void* x_block = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
-      FLCE_RETURN_IF_ERROR(grad_block(
-          *be, plan, logits_operands(p, x_block, rows, v0, cols),
-          row_grad_args(p, scalars, logits, rows, cols, t0, v0,
-                        offset_ptr(dz_all, t0 * ldz, dz_type), ldz, dz_type),
-          logits));
+      FLCE_RETURN_IF_ERROR(
+          grad_block(*be, plan, logits_operands(p, x_block, rows, v0, cols),
+                     row_grad_args(p, scalars, logits, rows, cols, t0, v0,
+                                   offset_ptr(dz_all, t0 * ldz, dz_type), ldz, dz_type),
+                     logits));
     }
 
     if (p.grad_weight) {  // dW[v0:v0+cols] = dZ^T x, written once

@@ -61,6 +61,8 @@ bool plain_options(const LossOptions& o, const void* bias, const float* class_we
 
 }  // namespace
 
+int current_device_sms() { return current_device().sms; }
+
 bool fused_logits_supported(const LogitsOperands& op) {
 #if FLCE_WITH_CUTLASS
   // TMA wants 16-byte aligned operands and row pitches (8 16-bit elements); the kernel's problem
@@ -100,8 +102,7 @@ bool fused_grad_pays(const LogitsOperands& op) {
   return tiles >= kMinGradWaves * current_device().sms;
 }
 
-Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& a,
-                           cudaStream_t stream) {
+Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& a, cudaStream_t stream) {
   if (!fused_stats_supported(op, a)) return unsupported("logits_stats");
   const int64_t tiles = (op.cols + kFusedTileCols - 1) / kFusedTileCols;
   if (a.rows != op.rows || a.cols != op.cols) {

@@ -26,6 +26,9 @@ bool fused_stats_supported(const LogitsOperands& op, const RowForwardArgs& args)
 bool fused_grad_supported(const LogitsOperands& op, const RowGradArgs& args);
 // Whether the fused dZ GEMM is expected to be faster than cuBLASLt + the row kernel on `op`.
 bool fused_grad_pays(const LogitsOperands& op);
+// SM count of the current device (asked once per device); the persistent kernels size their grid
+// by it.
+int current_device_sms();
 
 Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& args,
                            cudaStream_t stream);

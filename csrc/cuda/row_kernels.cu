@@ -325,7 +325,8 @@ __global__ void __launch_bounds__(kPartialThreads) rows_from_partials_kernel(Row
   const int64_t label = load_label(a.labels, a.label_type, row);
   const bool label_here = label >= col0 && label < col0 + cols;
   float z_target = label_here ? a.target_z[r] : NAN;  // NaN: see rows_forward_kernel
-  if (a.carry == nullptr || carry_row_block(a.carry[row], col0, cols, vocab, label_here, st, z_target)) {
+  if (a.carry == nullptr ||
+      carry_row_block(a.carry[row], col0, cols, vocab, label_here, st, z_target)) {
     finish_forward_row(a, row, label, st, z_target);
   }
 }

@@ -14,16 +14,16 @@
 #error "sm90_fused_logits.cuh needs NDEBUG (see sm90_fused_logits_stats.cu)"
 #endif
 
-#include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
-#include <cutlass/cluster_launch.hpp>
 #include <cutlass/device_kernel.h>
+
+#include <cstdlib>
+#include <cute/tensor.hpp>
+#include <cutlass/cluster_launch.hpp>
 #include <cutlass/epilogue/collective/detail.hpp>
 #include <cutlass/gemm/collective/collective_builder.hpp>
 #include <cutlass/gemm/dispatch_policy.hpp>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
-
-#include <cstdlib>
 #include <mutex>
 #include <type_traits>
 
@@ -47,9 +47,9 @@ struct FusedConfig {
   using ClusterShape = ClusterShape_;
   using Schedule = Schedule_;
 };
-using DefaultFusedConfig =
-    FusedConfig<cute::Shape<cute::_128, cute::_256, cute::_64>, cute::Shape<cute::_2, cute::_1, cute::_1>,
-                cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
+using DefaultFusedConfig = FusedConfig<cute::Shape<cute::_128, cute::_256, cute::_64>,
+                                       cute::Shape<cute::_2, cute::_1, cute::_1>,
+                                       cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
 static_assert(cute::size<0>(DefaultFusedConfig::TileShape{}) == kFusedTileRows &&
                   cute::size<1>(DefaultFusedConfig::TileShape{}) == kFusedTileCols,
               "fused_logits.h states the default tile");
@@ -344,18 +344,6 @@ struct FusedLogitsKernel {
       cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
 };
 
-// Number of SMs of `device`, asked once per device (the persistent scheduler sizes its grid by it).
-inline int sm_count(int device) {
-  static std::mutex mu;
-  static int counts[64] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= 64) return 0;
-  if (counts[device] == 0) {
-    cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device);
-  }
-  return counts[device];
-}
-
 // Launches the fused GEMM of `op` (T: the CUDA element type) on `stream`. The caller has checked
 // fused_logits_supported(op).
 template <class T, class Math, class Config = DefaultFusedConfig>
@@ -371,7 +359,7 @@ Status run_fused_logits(const LogitsOperands& op, const typename Math::Args& arg
   FLCE_CUDA_CHECK(cudaGetDevice(&device));
   cutlass::KernelHardwareInfo hw;
   hw.device_id = device;
-  hw.sm_count = sm_count(device);
+  hw.sm_count = current_device_sms();
   typename Kernel::Arguments ka{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {static_cast<int>(op.rows), static_cast<int>(op.cols), static_cast<int>(op.hidden), 1},
@@ -379,11 +367,6 @@ Status run_fused_logits(const LogitsOperands& op, const typename Math::Args& arg
        static_cast<const Element*>(op.weight), typename Mainloop::StrideB{op.ldw, cute::_1{}, 0}},
       args,
       hw};
-  // EXPERIMENT (not to be committed)
-  if (const char* e = std::getenv("FLCE_EXP_SWIZZLE")) ka.scheduler.max_swizzle_size = std::atoi(e);
-  if (const char* e = std::getenv("FLCE_EXP_RASTER")) {
-    ka.scheduler.raster_order = static_cast<decltype(ka.scheduler.raster_order)>(std::atoi(e));
-  }
   if (!Kernel::can_implement(ka)) {
     return Status::Error(StatusCode::kInvalidArgument,
                          "fused logits GEMM: CUTLASS cannot implement rows " +
@@ -406,9 +389,10 @@ Status run_fused_logits(const LogitsOperands& op, const typename Math::Args& arg
     const dim3 cluster(cute::size<0>(Cluster{}), cute::size<1>(Cluster{}),
                        cute::size<2>(Cluster{}));
     void* kernel_params[] = {const_cast<typename Kernel::Params*>(&params)};
-    if (cutlass::ClusterLauncher::launch(grid, cluster, block, kSmem, stream,
-                                         reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>),
-                                         kernel_params) != cutlass::Status::kSuccess) {
+    if (cutlass::ClusterLauncher::launch(
+            grid, cluster, block, kSmem, stream,
+            reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>),
+            kernel_params) != cutlass::Status::kSuccess) {
       return Status::Error(StatusCode::kBackendError, "fused logits GEMM: cluster launch failed");
     }
   }

@@ -1,7 +1,7 @@
 // The recompute backward's fused logits GEMM (dZ in the epilogue), bf16 and fp16.
 // CUTLASS's device-side asserts are function calls, and a call inside the mainloop makes ptxas
-// serialize the wgmma pipeline (warning C7510), which left the fused GEMMs far below cuBLAS. They are compiled out here
-// whatever the build type.
+// serialize the wgmma pipeline (warning C7510), which left the fused GEMMs far below cuBLAS. They
+// are compiled out here whatever the build type.
 #ifndef NDEBUG
 #define NDEBUG
 #endif

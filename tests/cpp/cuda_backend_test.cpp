@@ -1051,7 +1051,6 @@ TEST(CudaEdge, BeyondInt32Elements) {
   }
 }
 
-
 // The fused logits GEMMs against the GEMM + row kernel path, primitive by primitive, on a bf16
 // block of several partial CTA tiles: every dZ element and every partial statistic is written
 // (the outputs start as NaN), and both paths agree. Runs where the fused GEMMs can (CUTLASS built
@@ -1210,8 +1209,7 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
   for (int64_t i = t0; i < n; ++i) {
     ASSERT_TRUE(std::isfinite(lse[1][i]) && std::isfinite(loss[1][i])) << "row " << i;
     EXPECT_NEAR(lse[1][i], lse[0][i], 1e-5 * std::max(1.0f, std::abs(lse[0][i]))) << "row " << i;
-    EXPECT_NEAR(loss[1][i], loss[0][i], 1e-5 * std::max(1.0f, std::abs(loss[0][i])))
-        << "row " << i;
+    EXPECT_NEAR(loss[1][i], loss[0][i], 1e-5 * std::max(1.0f, std::abs(loss[0][i]))) << "row " << i;
   }
 
   // dZ of the block from those LSEs, both ways; the fused one into NaN.
@@ -1229,7 +1227,8 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
   rg.lse = static_cast<const float*>(lse_in.raw());
   rg.grad_loss = static_cast<const float*>(d.grad_loss.raw());
   rg.dz_type = c.dtype;
-  rg.ldz = cols + 8;  // a pitch of its own (a multiple of 8: the fused dZ is stored 16 bytes at a time)
+  rg.ldz =
+      cols + 8;  // a pitch of its own (a multiple of 8: the fused dZ is stored 16 bytes at a time)
   std::vector<TypedBuffer> dz(2, TypedBuffer(c.dtype, rows * rg.ldz));
   for (int fused = 0; fused < 2; ++fused) {
     DeviceBuffer out(2 * rows * rg.ldz);
@@ -1261,14 +1260,16 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
   }
   double max_ref = 0.0;
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) max_ref = std::max(max_ref, std::abs(dz[0].get(i * rg.ldz + j)));
+    for (int64_t j = 0; j < cols; ++j)
+      max_ref = std::max(max_ref, std::abs(dz[0].get(i * rg.ldz + j)));
   }
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
       const double got = dz[1].get(i * rg.ldz + j), ref = dz[0].get(i * rg.ldz + j);
       ASSERT_TRUE(std::isfinite(got)) << "dZ[" << i << ", " << j << "] not written";
       // Both round to bf16 (2^-8 relative); the GEMMs differ only in summation order.
-      ASSERT_NEAR(got, ref, 1e-2 * std::abs(ref) + 1e-3 * max_ref) << "dZ[" << i << ", " << j << "]";
+      ASSERT_NEAR(got, ref, 1e-2 * std::abs(ref) + 1e-3 * max_ref)
+          << "dZ[" << i << ", " << j << "]";
     }
   }
 }

@@ -108,6 +108,7 @@ def test_plan_contents(device):
     assert forced["strategy"] == "recompute"
     lse = flce.plan(100, 1000, 64, torch.float32, device, needs_grad_lse=True)
     assert lse["strategy"] == "recompute"
+    assert p["fused_logits"] == "auto"  # the backend decides where its fused GEMMs run
     assert flce.DEFAULT_MEMORY_BUDGET == 4 << 30
     assert isinstance(flce.cuda_available(), bool)
 
@@ -227,6 +228,10 @@ def test_raw_op_errors(device):
         torch.ops.flce.lce_forward(
             x.double(), w.double(), None, y[:5], None, *OPTIONS, plan, False, False, False, False
         )
+    bad = list(plan)
+    bad[_ops.PLAN_FIELDS.index("fused_logits")] = 3
+    with pytest.raises(ValueError, match=r"fused_logits must be 0 \(off\), 1 \(auto\) or 2"):
+        torch.ops.flce.lce_forward(x, w, None, y[:5], None, *OPTIONS, bad, False, False, False, False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
