@@ -1227,8 +1227,8 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
   rg.lse = static_cast<const float*>(lse_in.raw());
   rg.grad_loss = static_cast<const float*>(d.grad_loss.raw());
   rg.dz_type = c.dtype;
-  rg.ldz =
-      cols + 8;  // a pitch of its own (a multiple of 8: the fused dZ is stored 16 bytes at a time)
+  // A pitch of its own, a multiple of 8 (the fused dZ is stored 16 bytes at a time).
+  rg.ldz = cols + 8;
   std::vector<TypedBuffer> dz(2, TypedBuffer(c.dtype, rows * rg.ldz));
   for (int fused = 0; fused < 2; ++fused) {
     DeviceBuffer out(2 * rows * rg.ldz);
