@@ -416,9 +416,10 @@ def plan(
     strategy: str = "auto",
 ) -> dict:
     """The plan flce would use for a call of this shape: strategy name, chunk sizes, the
-    recompute backward's loop order ("vocab_outer" or "token_outer"), the GEMM scratch and the
-    forward / backward workspace bytes (see flce::Plan). Raises ValueError when the budget is
-    too small (the message gives the minimum)."""
+    recompute backward's loop order ("vocab_outer" or "token_outer"), the GEMM scratch, the
+    forward / backward workspace bytes and whether the backend's fused logits GEMMs may run
+    ("auto", "always" or "off"; see flce::Plan). Raises ValueError when the budget is too small
+    (the message gives the minimum)."""
     for name, value in (
         ("num_tokens", num_tokens),
         ("vocab_size", vocab_size),

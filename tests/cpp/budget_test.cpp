@@ -96,7 +96,9 @@ TEST(Budget, SmallBudgetsWalkTokensOutermost) {
     EXPECT_EQ(plan.backward_order, BackwardOrder::kTokenOuter) << dtype_name(t);
     EXPECT_LE(plan.backward_workspace_bytes, budget);
     const int64_t token_chunks = (c.n + plan.backward_token_chunk - 1) / plan.backward_token_chunk;
-    if (t == DType::kBFloat16) EXPECT_LE(token_chunks, 4);
+    if (t == DType::kBFloat16) {
+      EXPECT_LE(token_chunks, 4);
+    }
   }
 }
 
