@@ -286,6 +286,13 @@ LogitsOperands logits_operands(const P& p, const void* x_block, int64_t rows, in
   return op;
 }
 
+// logits[rows, cols] = x W^T of the operands, in fp32 (ld = cols): the unfused path.
+Status logits_gemm(Backend& be, const LogitsOperands& op, float* logits) {
+  return be.gemm(make_gemm(op.rows, op.cols, op.hidden, {op.x, op.ldx, op.dtype, false},
+                           {op.weight, op.ldw, op.dtype, true}, logits, op.cols, DType::kFloat32,
+                           false));
+}
+
 // Whether a statistics block [rows, cols] may run through the backend's fused logits GEMM: the
 // plan allows it, the backend can run the operands, and the partial statistics fit where the fp32
 // logits block would go.
@@ -309,9 +316,7 @@ Status stats_block(Backend& be, const Plan& plan, const BackendTraits& traits,
     FLCE_RETURN_IF_ERROR(be.logits_stats(op, rf));
     return be.rows_forward(rf);
   }
-  FLCE_RETURN_IF_ERROR(be.gemm(
-      make_gemm(op.rows, op.cols, op.hidden, {op.x, op.ldx, op.dtype, false},
-                {op.weight, op.ldw, op.dtype, true}, logits, op.cols, DType::kFloat32, false)));
+  FLCE_RETURN_IF_ERROR(logits_gemm(be, op, logits));
   rf.logits = logits;
   rf.ld = op.cols;
   return be.rows_forward(rf);
@@ -327,9 +332,7 @@ Status grad_block(Backend& be, const Plan& plan, const LogitsOperands& op, const
   if (fused && be.fused_grad(op, rg)) {
     return be.logits_grad(op, rg);
   }
-  FLCE_RETURN_IF_ERROR(be.gemm(
-      make_gemm(op.rows, op.cols, op.hidden, {op.x, op.ldx, op.dtype, false},
-                {op.weight, op.ldw, op.dtype, true}, logits, op.cols, DType::kFloat32, false)));
+  FLCE_RETURN_IF_ERROR(logits_gemm(be, op, logits));
   return be.rows_grad(rg);
 }
 
