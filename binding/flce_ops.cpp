@@ -48,7 +48,8 @@ enum PlanField : int64_t {
   kPlanBackwardOrder = 9,
   kPlanGemmScratchBytes = 10,
   kPlanFusedLogits = 11,
-  kPlanFields = 12,
+  kPlanCompactBackwardBlocks = 12,
+  kPlanFields = 13,
 };
 
 std::string shape_str(const at::Tensor& t) {
@@ -126,6 +127,10 @@ Plan to_plan(c10::IntArrayRef v) {
                     "plan: fused_logits must be 0 (off), 1 (auto) or 2 (always), got ",
                     v[kPlanFusedLogits]);
   p.fused_logits = static_cast<FusedLogits>(v[kPlanFusedLogits]);
+  TORCH_CHECK_VALUE(v[kPlanCompactBackwardBlocks] <= 1,
+                    "plan: compact_backward_blocks must be 0 or 1, got ",
+                    v[kPlanCompactBackwardBlocks]);
+  p.compact_backward_blocks = v[kPlanCompactBackwardBlocks] == 1;
   return p;
 }
 
@@ -338,7 +343,8 @@ Upstream check_upstream(const at::Tensor& grad_loss, const std::optional<at::Ten
 std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hidden_size,
                              at::ScalarType dtype, at::Device device, int64_t reduction,
                              bool has_bias, bool grad_x, bool grad_weight, bool grad_bias,
-                             bool grad_lse, int64_t memory_budget, int64_t strategy) {
+                             bool grad_lse, int64_t memory_budget, int64_t strategy,
+                             bool has_softcap, bool has_weighted_smoothing) {
   TORCH_CHECK_VALUE(memory_budget > 0, "memory_budget: expected a positive number of bytes, got ",
                     memory_budget);
   TORCH_CHECK_VALUE(strategy >= 0 && strategy <= 2,
@@ -355,6 +361,11 @@ std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hid
   p.needs_grad_weight = grad_weight;
   p.needs_grad_bias = grad_bias;
   p.needs_grad_lse = grad_lse;
+  p.has_softcap = has_softcap;
+  p.has_weighted_smoothing = has_weighted_smoothing;
+  // The CUDA planner asks the current device what its fused GEMMs can do.
+  std::optional<c10::DeviceGuard> guard;
+  if (device.is_cuda() && device.has_index() && cuda_available()) guard.emplace(device);
   Plan plan;
   check_status(make_plan(p, to_device(device, "device"), static_cast<size_t>(memory_budget),
                          static_cast<Strategy>(strategy), &plan));
@@ -369,7 +380,8 @@ std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hid
           plan.forward_vocab_chunk,
           static_cast<int64_t>(plan.backward_order),
           static_cast<int64_t>(plan.gemm_scratch_bytes),
-          static_cast<int64_t>(plan.fused_logits)};
+          static_cast<int64_t>(plan.fused_logits),
+          static_cast<int64_t>(plan.compact_backward_blocks)};
 }
 
 int64_t default_memory_budget_op() { return static_cast<int64_t>(kDefaultMemoryBudget); }
@@ -582,7 +594,8 @@ TORCH_LIBRARY(flce, m) {
   m.def(
       "plan(int num_tokens, int vocab_size, int hidden_size, ScalarType dtype, Device device, "
       "int reduction, bool has_bias, bool grad_x, bool grad_weight, bool grad_bias, "
-      "bool grad_lse, int memory_budget, int strategy) -> int[]",
+      "bool grad_lse, int memory_budget, int strategy, bool has_softcap=False, "
+      "bool has_weighted_smoothing=False) -> int[]",
       &plan_op);
   m.def("default_memory_budget() -> int", &default_memory_budget_op);
   m.def("scale_(Tensor(a!) grad, Tensor scale) -> ()");

@@ -30,6 +30,7 @@ PLAN_FIELDS = (
     "backward_order",
     "gemm_scratch_bytes",
     "fused_logits",
+    "compact_backward_blocks",
 )
 # flce::FusedLogits
 FUSED_LOGITS = {"off": 0, "auto": 1, "always": 2}
@@ -58,6 +59,8 @@ def compute_plan(
     grad_lse: bool,
     memory_budget: int,
     strategy: int,
+    has_softcap: bool = False,
+    has_weighted_smoothing: bool = False,
 ) -> list[int]:
     return list(
         torch.ops.flce.plan(
@@ -74,6 +77,8 @@ def compute_plan(
             grad_lse,
             int(memory_budget),
             strategy,
+            bool(has_softcap),
+            bool(has_weighted_smoothing),
         )
     )
 

@@ -302,6 +302,8 @@ def linear_cross_entropy(
         need_lse,
         budget,
         strategy_code,
+        options[4] > 0.0,
+        class_weight is not None and options[2] > 0.0,
     )
     in_forward = plan[0] == _ops.GRAD_IN_FORWARD
     loss, lse, metrics, _, _, _ = torch.ops.flce.lce_forward(
@@ -414,12 +416,17 @@ def plan(
     needs_grad_lse: bool = False,
     memory_budget: int | None = None,
     strategy: str = "auto",
+    softcap: float | None = None,
+    class_weighted_smoothing: bool = False,
 ) -> dict:
     """The plan flce would use for a call of this shape: strategy name, chunk sizes, the
     recompute backward's loop order ("vocab_outer" or "token_outer"), the GEMM scratch, the
-    forward / backward workspace bytes and whether the backend's fused logits GEMMs may run
-    ("auto", "always" or "off"; see flce::Plan). Raises ValueError when the budget is too small
-    (the message gives the minimum)."""
+    forward / backward workspace bytes, whether the backend's fused logits GEMMs may run
+    ("auto", "always" or "off") and whether the recompute backward's blocks hold only dZ
+    (compact_backward_blocks: where the fused dZ GEMM is expected to serve the call; see
+    flce::Plan). `softcap` and `class_weighted_smoothing` (class weights with label smoothing)
+    matter because the fused GEMMs do not serve them. Raises ValueError when the budget is too
+    small (the message gives the minimum)."""
     for name, value in (
         ("num_tokens", num_tokens),
         ("vocab_size", vocab_size),
@@ -442,9 +449,12 @@ def plan(
         bool(needs_grad_lse),
         _budget(memory_budget),
         _strategy_code(strategy),
+        softcap is not None and _float_option("softcap", softcap, low=0.0) > 0.0,
+        bool(class_weighted_smoothing),
     )
     out = dict(zip(_ops.PLAN_FIELDS, values))
     out["strategy"] = _ops.STRATEGY_NAMES[out["strategy"]]
     out["backward_order"] = _ops.BACKWARD_ORDER_NAMES[out["backward_order"]]
     out["fused_logits"] = _ops.FUSED_LOGITS_NAMES[out["fused_logits"]]
+    out["compact_backward_blocks"] = bool(out["compact_backward_blocks"])
     return out

@@ -191,6 +191,10 @@ struct BackendTraits {
   // Columns summarized by one partial RowState of logits_stats; 0 when the backend has no fused
   // logits GEMMs.
   int64_t fused_tile_cols = 0;
+  // Whether the backend expects its fused dZ GEMM to serve the recompute blocks of `problem` on
+  // the current device (the operands' alignment is only known at the call); null: never. The
+  // planner then sizes compact backward blocks (Plan::compact_backward_blocks).
+  bool (*fused_grad_expected)(const Problem& problem) = nullptr;
 };
 
 BackendTraits backend_traits(Device device);

@@ -202,6 +202,8 @@ Problem problem_of(const P& p) {
   prob.needs_grad_weight = p.grad_weight != nullptr;
   prob.needs_grad_bias = p.grad_bias != nullptr;
   if constexpr (std::is_same_v<P, BackwardParams>) prob.needs_grad_lse = p.grad_lse != nullptr;
+  prob.has_softcap = p.options.softcap > 0.0f;
+  prob.has_weighted_smoothing = p.class_weight != nullptr && p.options.label_smoothing > 0.0f;
   return prob;
 }
 
@@ -325,8 +327,10 @@ Status stats_block(Backend& be, const Plan& plan, const BackendTraits& traits,
 // dZ of a recompute block (rg filled by row_grad_args, logits = the fp32 block scratch): through
 // the fused GEMM when the plan asks for it (kAuto: where the backend expects a gain) and the
 // backend can, else logits then the row kernel.
-Status grad_block(Backend& be, const Plan& plan, const LogitsOperands& op, const RowGradArgs& rg,
-                  float* logits) {
+// With compact blocks (`compact`: no room for fp32 logits) only the fused GEMM may run.
+Status grad_block(Backend& be, const Plan& plan, bool compact, const LogitsOperands& op,
+                  const RowGradArgs& rg, float* logits) {
+  if (compact) return be.logits_grad(op, rg);
   const bool fused = plan.fused_logits == FusedLogits::kAlways ||
                      (plan.fused_logits == FusedLogits::kAuto && be.fused_grad_pays(op));
   if (fused && be.fused_grad(op, rg)) {
@@ -557,10 +561,32 @@ Status run_backward(Device device, const BackwardParams& p) {
   FLCE_RETURN_IF_ERROR(be->prepare(prepare_args(p, scalars)));
 
   const DType dz_type = traits.dz_type(p.dtype);
-  const int64_t bt = plan.backward_token_chunk, bv = plan.backward_vocab_chunk;
+  const int64_t bt = plan.backward_token_chunk;
   float* logits = reinterpret_cast<float*>(at(ws, l.logits));
   float* dx_accum = l.dx_accum == kAbsent ? nullptr : reinterpret_cast<float*>(at(ws, l.dx_accum));
   float* db_accum = l.db_accum == kAbsent ? nullptr : reinterpret_cast<float*>(at(ws, l.db_accum));
+  // Where a block's dZ goes: in place over the logits block (fp32 rows hold the dZ row at their
+  // start, or compact rows at compact_ld) or, vocabulary-outer with several token blocks, in
+  // dz_vocab. Every block is alike in alignment, so the first one decides whether compact blocks
+  // can be fused; if not, the unfused path runs on half-width vocabulary chunks.
+  const bool gathered = !token_outer(plan) && bt < n;
+  bool compact = plan.compact_backward_blocks;
+  int64_t bv = plan.backward_vocab_chunk;
+  if (compact && plan.fused_logits == FusedLogits::kOff) {
+    compact = false;
+    bv = fallback_vocab_chunk(plan);
+  }
+  const auto block_ldz = [&](int64_t cols) {
+    return gathered || compact ? compact_ld(cols) : in_place_ld(cols, dz_type);
+  };
+  void* const dz_base = gathered ? at(ws, l.dz_vocab) : static_cast<void*>(logits);
+  if (compact) {
+    const int64_t rows = std::min(bt, n), cols = std::min(bv, v);
+    compact = be->fused_grad(
+        logits_operands(p, p.x, rows, 0, cols),
+        row_grad_args(p, scalars, logits, rows, cols, 0, 0, dz_base, block_ldz(cols), dz_type));
+    if (!compact) bv = fallback_vocab_chunk(plan);
+  }
 
   if (token_outer(plan)) {
     for (int64_t t0 = 0; t0 < n; t0 += bt) {
@@ -575,9 +601,9 @@ Status run_backward(Device device, const BackwardParams& p) {
         const int64_t cols = std::min(bv, v - v0);
         const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
         // dZ of x[t0:] W[v0:]^T, in place over the logits block.
-        const int64_t ldz = in_place_ld(cols, dz_type);
+        const int64_t ldz = block_ldz(cols);
         FLCE_RETURN_IF_ERROR(grad_block(
-            *be, plan, logits_operands(p, x_block, rows, v0, cols),
+            *be, plan, compact, logits_operands(p, x_block, rows, v0, cols),
             row_grad_args(p, scalars, logits, rows, cols, t0, v0, logits, ldz, dz_type), logits));
         if (p.grad_x) {  // dx[chunk] (+)= dZ W[v0:v0+cols]
           FLCE_RETURN_IF_ERROR(
@@ -611,27 +637,23 @@ Status run_backward(Device device, const BackwardParams& p) {
     return Status::Ok();
   }
 
-  // Vocabulary-outer.
-  const bool one_token_block = bt >= n;
+  // Vocabulary-outer: dZ of all N tokens for one vocabulary chunk, then its GEMMs.
   void* dx_target = dx_accum ? static_cast<void*>(dx_accum) : p.grad_x;
   const DType dx_type = dx_accum ? DType::kFloat32 : p.dtype;
   for (int64_t v0 = 0; v0 < v; v0 += bv) {
     const int64_t cols = std::min(bv, v - v0);
     const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
-    // dZ of all N tokens for this vocabulary chunk: in place over the logits block when one
-    // token block covers N, else gathered in dz_vocab.
-    void* dz_all = one_token_block ? static_cast<void*>(logits) : at(ws, l.dz_vocab);
-    const int64_t ldz = one_token_block ? in_place_ld(cols, dz_type) : cols;
-
+    void* dz_all = dz_base;
+    const int64_t ldz = block_ldz(cols);
     for (int64_t t0 = 0; t0 < n; t0 += bt) {
       const int64_t rows = std::min(bt, n - t0);
       // dZ of x[t0:] W[v0:]^T
       const void* x_block = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
-      FLCE_RETURN_IF_ERROR(
-          grad_block(*be, plan, logits_operands(p, x_block, rows, v0, cols),
-                     row_grad_args(p, scalars, logits, rows, cols, t0, v0,
-                                   offset_ptr(dz_all, t0 * ldz, dz_type), ldz, dz_type),
-                     logits));
+      FLCE_RETURN_IF_ERROR(grad_block(
+          *be, plan, compact, logits_operands(p, x_block, rows, v0, cols),
+          row_grad_args(p, scalars, logits, rows, cols, t0, v0,
+                        offset_ptr(dz_all, t0 * ldz, dz_type), ldz, dz_type),
+          logits));
     }
 
     if (p.grad_weight) {  // dW[v0:v0+cols] = dZ^T x, written once

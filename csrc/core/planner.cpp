@@ -21,10 +21,10 @@ using detail::forward_layout;
 // block (rows * V * 4 bytes) would only grow.
 constexpr int64_t kMaxTokenChunk = 4096;
 constexpr int64_t kMaxVocabChunk = 16384;
-// A forward logits block of about this size is large enough for full-speed GEMMs (>= 512 rows at
-// V = 256k) while keeping the fp32 block within the 512 MiB the memory target allows beyond the
-// dZ store or the dW accumulator.
-constexpr size_t kTargetLogitsBlockBytes = size_t(512) << 20;
+// The memory target allows 512 MiB beyond the dZ store or the dW accumulator (what any 6NVD method
+// must hold); a forward logits block that fills it with the GEMM scratch and the per-token vectors
+// is large enough for full-speed GEMMs (>= 384 rows at V = 256k).
+constexpr size_t kTargetExtraBytes = size_t(512) << 20;
 // Smallest blocks the planner will ever propose (clamped to N and V).
 constexpr int64_t kMinChunk = 16;
 
@@ -38,10 +38,15 @@ size_t plan_bytes(const Problem& p, const Plan& plan, const BackendTraits& t) {
   return std::max(forward_bytes(p, plan, t), backward_bytes(p, plan, t));
 }
 
-// Rows of a forward logits block [rows, V] of about kTargetLogitsBlockBytes, a multiple of 128.
-int64_t target_block_rows(int64_t vocab_size) {
-  const int64_t rows = static_cast<int64_t>(kTargetLogitsBlockBytes / (sizeof(float) * vocab_size));
-  return std::clamp<int64_t>(rows / 128 * 128, 256, kMaxTokenChunk);
+// Rows of a forward logits block [rows, V], a multiple of 64, such that the fp32 block, the GEMM
+// scratch and the per-token vectors (loss, LSE, metrics) take at most kTargetExtraBytes.
+int64_t target_block_rows(const Problem& p, const BackendTraits& t) {
+  const size_t vectors =
+      static_cast<size_t>(std::max<int64_t>(p.num_tokens, 1)) * (2 + detail::kNumRowMetrics) * sizeof(float);
+  const size_t fixed = t.gemm_scratch_bytes + vectors + (size_t(64) << 10);
+  const size_t room = kTargetExtraBytes > fixed ? kTargetExtraBytes - fixed : 0;
+  const int64_t rows = static_cast<int64_t>(room / (sizeof(float) * p.vocab_size));
+  return std::clamp<int64_t>(rows / 64 * 64, 256, kMaxTokenChunk);
 }
 
 // Candidate sizes from `hi` down to `lo`, halving, each clamped to `limit`.
@@ -65,14 +70,14 @@ std::string gib(size_t bytes) {
 }
 
 // Grad-in-forward plans in order of preference.
-std::vector<Plan> grad_in_forward_candidates(const Problem& p) {
+std::vector<Plan> grad_in_forward_candidates(const Problem& p, const BackendTraits& t) {
   const int64_t n = std::max<int64_t>(p.num_tokens, 1);
   std::vector<Plan> out;
   Plan plan;
   plan.strategy = Strategy::kGradInForward;
   // First choice: keep dZ of all tokens so dW is one GEMM written straight to the output (no
   // fp32 accumulator and no per-chunk read-modify-write of V x D).
-  for (int64_t c : descending(target_block_rows(p.vocab_size), std::min<int64_t>(n, 256), n)) {
+  for (int64_t c : descending(target_block_rows(p, t), std::min<int64_t>(n, 256), n)) {
     plan.forward_token_chunk = c;
     plan.dw_group_tokens = n;
     out.push_back(plan);
@@ -96,7 +101,7 @@ constexpr int64_t kMinAutoAccumulateChunk = 1024;
 bool try_grad_in_forward(const Problem& p, size_t budget, const BackendTraits& t, bool automatic,
                          Plan* out) {
   const int64_t n = std::max<int64_t>(p.num_tokens, 1);
-  for (const Plan& plan : grad_in_forward_candidates(p)) {
+  for (const Plan& plan : grad_in_forward_candidates(p, t)) {
     const bool accumulates = plan.dw_group_tokens < n;
     if (automatic && accumulates && plan.forward_token_chunk < kMinAutoAccumulateChunk) continue;
     if (plan_bytes(p, plan, t) <= budget) {
@@ -135,10 +140,10 @@ constexpr int64_t kSplitColsCap = kMaxVocabChunk;
 // Calls f(plan) for every forward block of the recompute strategy: whole rows first
 // (most rows first), then blocks that split rows.
 template <typename F>
-void for_each_recompute_forward(const Problem& p, Plan plan, F&& f) {
+void for_each_recompute_forward(const Problem& p, const BackendTraits& t, Plan plan, F&& f) {
   const int64_t n = std::max<int64_t>(p.num_tokens, 1), v = p.vocab_size;
   plan.forward_vocab_chunk = 0;
-  for (int64_t c : descending(target_block_rows(v), std::min(n, kMinWholeRowChunk), n)) {
+  for (int64_t c : descending(target_block_rows(p, t), std::min(n, kMinWholeRowChunk), n)) {
     plan.forward_token_chunk = c;
     f(plan);
   }
@@ -157,7 +162,7 @@ bool pick_recompute_forward(const Problem& p, size_t budget, const BackendTraits
   bool whole = false;
   int64_t best_score = -1;
   Plan best = *plan;
-  for_each_recompute_forward(p, *plan, [&](const Plan& trial) {
+  for_each_recompute_forward(p, t, *plan, [&](const Plan& trial) {
     if (whole || forward_bytes(p, trial, t) > budget) return;
     const int64_t n = std::max<int64_t>(p.num_tokens, 1);
     if (trial.forward_vocab_chunk == 0 &&
@@ -277,11 +282,21 @@ bool pick_recompute_backward(const Problem& p, size_t budget, const BackendTrait
   return found;
 }
 
+// Whether the recompute backward's blocks may be compact (dZ only, in a 16-bit type): where the
+// backend expects its fused dZ GEMM to write them.
+bool compact_backward(const Problem& p, const BackendTraits& t) {
+  const bool any_grad = p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias;
+  return any_grad && t.fused_grad_expected != nullptr && dtype_size(t.dz_type(p.dtype)) < 4 &&
+         t.fused_grad_expected(p);
+}
+
 bool try_recompute(const Problem& p, size_t budget, const BackendTraits& t, Plan* out) {
   const bool any_grad = p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias;
+  const bool compact = compact_backward(p, t);
   for (size_t scratch : recompute_scratch_sizes(budget, t)) {
     Plan plan;
     plan.strategy = Strategy::kRecompute;
+    plan.compact_backward_blocks = compact;
     plan.gemm_scratch_bytes = scratch;
     if (!pick_recompute_forward(p, budget, t, &plan)) continue;
     if (any_grad && !pick_recompute_backward(p, budget, t, &plan)) continue;
@@ -297,17 +312,18 @@ bool try_recompute(const Problem& p, size_t budget, const BackendTraits& t, Plan
 size_t minimum_budget(const Problem& p, const BackendTraits& t, bool gif, bool recompute) {
   size_t best = ~size_t(0);
   if (gif) {
-    for (const Plan& plan : grad_in_forward_candidates(p)) {
+    for (const Plan& plan : grad_in_forward_candidates(p, t)) {
       best = std::min(best, plan_bytes(p, plan, t));
     }
   }
   if (recompute) {
     Plan plan;
     plan.strategy = Strategy::kRecompute;
+    plan.compact_backward_blocks = compact_backward(p, t);
     plan.gemm_scratch_bytes = t.min_gemm_scratch_bytes;
     size_t fwd = ~size_t(0);
     for_each_recompute_forward(
-        p, plan, [&](const Plan& trial) { fwd = std::min(fwd, forward_bytes(p, trial, t)); });
+        p, t, plan, [&](const Plan& trial) { fwd = std::min(fwd, forward_bytes(p, trial, t)); });
     size_t bwd = ~size_t(0);
     for_each_backward(p, plan, [&](const Plan& trial) {
       bwd = std::min(bwd, backward_bytes(p, trial, t));
@@ -377,6 +393,7 @@ Status make_plan(const Problem& p, Device device, size_t budget, Strategy forced
   if (plan->strategy == Strategy::kGradInForward || !any_grad) {
     plan->backward_token_chunk = 0;
     plan->backward_vocab_chunk = 0;
+    plan->compact_backward_blocks = false;
   }
   plan->forward_workspace_bytes = forward_bytes(p, *plan, t);
   plan->backward_workspace_bytes = backward_bytes(p, *plan, t);

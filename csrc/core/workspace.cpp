@@ -64,14 +64,17 @@ BackwardLayout backward_layout(const Problem& p, const Plan& plan, const Backend
   const int64_t n = p.num_tokens, d = p.hidden_size;
   const int64_t bt = plan.backward_token_chunk, bv = plan.backward_vocab_chunk;
   l.scalars = c.take(f32(kNumScalars));
-  l.logits = c.take(f32(bt * bv));
+  const size_t dz_size = dtype_size(traits.dz_type(p.dtype));
+  l.logits = c.take(plan.compact_backward_blocks
+                        ? static_cast<size_t>(bt) * compact_ld(bv) * dz_size
+                        : f32(bt * bv));
   if (token_outer(plan)) {
     // dZ overwrites each block in place; dx of one token chunk and db of all columns accumulate.
     if (needs_dx_accumulator(p, plan)) l.dx_accum = c.take(f32(std::min(bt, n) * d));
     if (p.needs_grad_bias) l.db_accum = c.take(f32(p.vocab_size));
   } else {
     if (bt < n) {
-      l.dz_vocab = c.take(static_cast<size_t>(n) * bv * dtype_size(traits.dz_type(p.dtype)));
+      l.dz_vocab = c.take(static_cast<size_t>(n) * compact_ld(bv) * dz_size);
     }
     if (needs_dx_accumulator(p, plan)) l.dx_accum = c.take(f32(n * d));
     if (p.needs_grad_bias) l.db_accum = c.take(f32(bv));

@@ -3,6 +3,7 @@
 // reports are exactly the bytes a call touches.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -32,8 +33,10 @@ struct ForwardLayout {
 
 struct BackwardLayout {
   size_t scalars = kAbsent;
-  size_t logits = kAbsent;    // float[backward_token_chunk, backward_vocab_chunk]
-  size_t dz_vocab = kAbsent;  // dz_type[N, backward_vocab_chunk] (when token blocks < N)
+  size_t logits = kAbsent;    // float[backward_token_chunk, backward_vocab_chunk], or with
+                              // compact blocks dz_type[backward_token_chunk, compact_ld(chunk)]
+  size_t dz_vocab = kAbsent;  // dz_type[N, compact_ld(backward_vocab_chunk)] (when token
+                              // blocks < N)
   size_t dx_accum = kAbsent;  // float[N or backward_token_chunk (token-outer), D] (when the
                               // vocabulary takes several chunks)
   size_t db_accum = kAbsent;  // float[backward_vocab_chunk] (vocabulary-outer) or float[V]
@@ -64,8 +67,21 @@ inline size_t gemm_scratch_bytes(const Plan& plan, const BackendTraits& traits) 
 inline bool needs_dw_accumulator(const Problem& p, const Plan& plan) {
   return p.needs_grad_weight && plan.dw_group_tokens < p.num_tokens && p.dtype != DType::kFloat32;
 }
+// Compact backward blocks (Plan::compact_backward_blocks) store dZ rows at a pitch of a multiple
+// of 8 elements: the fused GEMM stores 16 bytes at a time.
+inline int64_t compact_ld(int64_t cols) { return (cols + 7) / 8 * 8; }
+// The vocabulary chunk the backward runs with when compact blocks cannot be fused: half as wide,
+// so that its fp32 block fits the compact block's bytes.
+inline int64_t fallback_vocab_chunk(const Plan& plan) {
+  return std::max<int64_t>(1, plan.backward_vocab_chunk / 2);
+}
+// The narrowest vocabulary chunk a backward of this plan may run with.
+inline int64_t narrowest_vocab_chunk(const Plan& plan) {
+  return plan.compact_backward_blocks ? fallback_vocab_chunk(plan) : plan.backward_vocab_chunk;
+}
 inline bool needs_dx_accumulator(const Problem& p, const Plan& plan) {
-  return p.needs_grad_x && plan.backward_vocab_chunk < p.vocab_size && p.dtype != DType::kFloat32;
+  return p.needs_grad_x && narrowest_vocab_chunk(plan) < p.vocab_size &&
+         p.dtype != DType::kFloat32;
 }
 
 }  // namespace flce::detail

@@ -90,6 +90,7 @@ BackendTraits cuda_traits() {
   t.gemm_scratch_bytes = cuda::kCublasLtWorkspaceBytes;
   t.min_gemm_scratch_bytes = cuda::kMinCublasLtWorkspaceBytes;
   t.fused_tile_cols = cuda::kFusedTileCols;
+  t.fused_grad_expected = &cuda::fused_grad_expected;
   return t;
 }
 

@@ -90,6 +90,17 @@ bool fused_grad_supported(const LogitsOperands& op, const RowGradArgs& a) {
          plain_options(a.options, a.bias, a.class_weight) && fused_logits_supported(op);
 }
 
+bool fused_grad_expected(const Problem& p) {
+#if FLCE_WITH_CUTLASS
+  return (p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16) && p.hidden_size % 8 == 0 &&
+         p.hidden_size <= INT_MAX && !p.has_bias && !p.has_softcap && !p.has_weighted_smoothing &&
+         current_device().sm90;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 // The dZ epilogue runs while the tensor cores wait (the kernel has no stream-K and does not
 // overlap epilogue and mainloop), so it pays off on blocks of several waves of CTA tiles only.
 // Measured on an H100 (D = 4096): the lean plan's [2048, 2560] blocks (160 tiles for 132 SMs)

@@ -24,6 +24,9 @@ constexpr int64_t kFusedTileCols = 256;
 bool fused_logits_supported(const LogitsOperands& op);
 bool fused_stats_supported(const LogitsOperands& op, const RowForwardArgs& args);
 bool fused_grad_supported(const LogitsOperands& op, const RowGradArgs& args);
+// Whether the fused dZ GEMM will serve the recompute blocks of `p` on the current device, given
+// 16-byte aligned operands (the planner's question: see BackendTraits::fused_grad_expected).
+bool fused_grad_expected(const Problem& p);
 // Whether the fused dZ GEMM is expected to be faster than cuBLASLt + the row kernel on `op`.
 bool fused_grad_pays(const LogitsOperands& op);
 // SM count of the current device (asked once per device); the persistent kernels size their grid

@@ -102,6 +102,11 @@ struct Problem {
   bool needs_grad_bias = false;
   // The caller will backpropagate through the returned LSE: only the recompute strategy can.
   bool needs_grad_lse = false;
+  // Options that decide whether a backend's fused logits GEMMs can serve the call, and so how
+  // much a block of the budget holds: soft-capping (softcap > 0) and label smoothing with class
+  // weights take the row kernels.
+  bool has_softcap = false;
+  bool has_weighted_smoothing = false;
 };
 
 // kAuto: where the backend can run them and expects them to be faster (the CUDA backend fuses
@@ -133,6 +138,12 @@ struct Plan {
   // fused logits GEMMs (CUDA on compute capability 9.0, 16-bit inputs: the row math runs in the
   // GEMM's epilogue and no logits block is stored) instead of a GEMM + the row kernels.
   FusedLogits fused_logits = FusedLogits::kAuto;
+  // Recompute backward blocks hold dZ only, in the input dtype (the fused dZ GEMM writes it; no
+  // fp32 logits block), so a budget holds blocks twice as large. The planner sets it where the
+  // backend expects its fused GEMM to serve the problem; should the GEMM refuse a call anyway
+  // (operands not 16-byte aligned, another device), the backward runs the unfused path on vocabulary
+  // chunks half as wide, whose fp32 blocks fit the same bytes.
+  bool compact_backward_blocks = false;
   size_t forward_workspace_bytes = 0;
   size_t backward_workspace_bytes = 0;
   // The smallest budget in which the strategies allowed by the request (all, or the forced one)

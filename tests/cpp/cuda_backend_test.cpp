@@ -510,6 +510,18 @@ std::vector<CudaParam> cuda_params() {
         p.choice.plan.backward_order = BackwardOrder::kTokenOuter;
         p.name = dn + "_token_outer_chunks" + suffix;
         out.push_back(p);
+        // Compact (dZ-only) blocks: written by the fused GEMM, or (fused_logits off) the unfused
+        // path on half-width vocabulary chunks in the same bytes.
+        p.choice.plan.compact_backward_blocks = true;
+        p.name = dn + "_token_outer_compact" + suffix;
+        out.push_back(p);
+        p.choice.plan.backward_order = BackwardOrder::kVocabOuter;
+        p.name = dn + "_recompute_compact" + suffix;  // dZ gathered over token blocks
+        out.push_back(p);
+        p.choice.plan.backward_token_chunk = sh.n;  // one token block, in place
+        p.choice.plan.backward_vocab_chunk = sh.v;  // one vocabulary chunk (two when unfused)
+        p.name = dn + "_recompute_compact_one_block" + suffix;
+        out.push_back(p);
       }
     }
   }

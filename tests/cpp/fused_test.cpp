@@ -308,6 +308,21 @@ std::vector<ChunkParam> chunk_params() {
     p.forward_vocab_chunk = 29;  // forward rows split into 8 vocabulary blocks (last one short)
     p.forward_token_chunk = 19;
     out.push_back({dn + "_recompute_split_forward_rows", p, t});
+    // Compact (dZ-only) blocks on a backend without fused GEMMs: the unfused path on half-width
+    // vocabulary chunks, in the compact block's bytes.
+    p = Plan();
+    p.strategy = Strategy::kRecompute;
+    p.compact_backward_blocks = true;
+    p.forward_token_chunk = 19;
+    p.backward_token_chunk = 13;
+    p.backward_vocab_chunk = 37;
+    out.push_back({dn + "_compact_fallback_gathered", p, t});
+    p.backward_order = BackwardOrder::kTokenOuter;
+    out.push_back({dn + "_compact_fallback_token_outer", p, t});
+    p.backward_order = BackwardOrder::kVocabOuter;
+    p.backward_token_chunk = 77;  // one block of the whole problem: two chunks in the fallback
+    p.backward_vocab_chunk = 211;
+    out.push_back({dn + "_compact_fallback_one_block", p, t});
   }
   return out;
 }

@@ -182,6 +182,8 @@ Problem make_problem(const Case& c) {
   p.needs_grad_weight = c.grad_weight;
   p.needs_grad_bias = c.grad_bias && c.bias;
   p.needs_grad_lse = c.grad_lse;
+  p.has_softcap = c.options.softcap > 0.0f;
+  p.has_weighted_smoothing = c.class_weights && c.options.label_smoothing > 0.0f;
   return p;
 }
 

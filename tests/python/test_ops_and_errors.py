@@ -13,6 +13,7 @@ def plan_list(n, v, d, dtype, device, strategy, **kw):
     p["strategy"] = _ops.STRATEGIES[p["strategy"]]
     p["backward_order"] = _ops.BACKWARD_ORDERS[p["backward_order"]]
     p["fused_logits"] = _ops.FUSED_LOGITS[p["fused_logits"]]
+    p["compact_backward_blocks"] = int(p["compact_backward_blocks"])
     return [p[k] for k in _ops.PLAN_FIELDS]
 
 
@@ -111,6 +112,40 @@ def test_plan_contents(device):
     assert p["fused_logits"] == "auto"  # the backend decides where its fused GEMMs run
     assert flce.DEFAULT_MEMORY_BUDGET == 4 << 30
     assert isinstance(flce.cuda_available(), bool)
+
+
+def _fused_gemms_expected(device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def test_plan_compact_backward_blocks(device):
+    """Compact (dZ-only) backward blocks where the fused dZ GEMM serves the call: twice the
+    vocabulary chunk of an fp32 block in the same budget; never for fp32 inputs, soft-capping or
+    class-weighted smoothing, and never on the CPU."""
+    budget = 60 << 20
+    shape = (8192, 128256, 4096)
+    plain = flce.plan(*shape, torch.bfloat16, device, memory_budget=budget, strategy="recompute")
+    capped = flce.plan(
+        *shape, torch.bfloat16, device, memory_budget=budget, strategy="recompute", softcap=30.0
+    )
+    weighted = flce.plan(
+        *shape,
+        torch.bfloat16,
+        device,
+        memory_budget=budget,
+        strategy="recompute",
+        class_weighted_smoothing=True,
+    )
+    fp32 = flce.plan(*shape, torch.float32, device, memory_budget=budget, strategy="recompute")
+    assert plain["compact_backward_blocks"] == _fused_gemms_expected(device)
+    for other in (capped, weighted, fp32):
+        assert other["compact_backward_blocks"] is False
+    for p in (plain, capped, weighted):
+        assert p["backward_workspace_bytes"] <= budget
+    if plain["compact_backward_blocks"]:
+        assert plain["backward_vocab_chunk"] >= 2 * capped["backward_vocab_chunk"] - 256
+    gif = flce.plan(*shape, torch.bfloat16, device, strategy="grad_in_forward")
+    assert gif["compact_backward_blocks"] is False
 
 
 # -- errors: every message names the argument ------------------------------------------------
@@ -231,6 +266,10 @@ def test_raw_op_errors(device):
     bad = list(plan)
     bad[_ops.PLAN_FIELDS.index("fused_logits")] = 3
     with pytest.raises(ValueError, match=r"fused_logits must be 0 \(off\), 1 \(auto\) or 2"):
+        torch.ops.flce.lce_forward(x, w, None, y[:5], None, *OPTIONS, bad, False, False, False, False)
+    bad = list(plan)
+    bad[_ops.PLAN_FIELDS.index("compact_backward_blocks")] = 2
+    with pytest.raises(ValueError, match="compact_backward_blocks must be 0 or 1"):
         torch.ops.flce.lce_forward(x, w, None, y[:5], None, *OPTIONS, bad, False, False, False, False)
 
 
