@@ -49,7 +49,8 @@ enum PlanField : int64_t {
   kPlanGemmScratchBytes = 10,
   kPlanFusedLogits = 11,
   kPlanCompactBackwardBlocks = 12,
-  kPlanFields = 13,
+  kPlanCompactForwardBlocks = 13,
+  kPlanFields = 14,
 };
 
 std::string shape_str(const at::Tensor& t) {
@@ -131,6 +132,10 @@ Plan to_plan(c10::IntArrayRef v) {
                     "plan: compact_backward_blocks must be 0 or 1, got ",
                     v[kPlanCompactBackwardBlocks]);
   p.compact_backward_blocks = v[kPlanCompactBackwardBlocks] == 1;
+  TORCH_CHECK_VALUE(v[kPlanCompactForwardBlocks] <= 1,
+                    "plan: compact_forward_blocks must be 0 or 1, got ",
+                    v[kPlanCompactForwardBlocks]);
+  p.compact_forward_blocks = v[kPlanCompactForwardBlocks] == 1;
   return p;
 }
 
@@ -344,7 +349,7 @@ std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hid
                              at::ScalarType dtype, at::Device device, int64_t reduction,
                              bool has_bias, bool grad_x, bool grad_weight, bool grad_bias,
                              bool grad_lse, int64_t memory_budget, int64_t strategy,
-                             bool has_softcap, bool has_weighted_smoothing) {
+                             bool has_softcap, bool has_weighted_smoothing, bool compute_metrics) {
   TORCH_CHECK_VALUE(memory_budget > 0, "memory_budget: expected a positive number of bytes, got ",
                     memory_budget);
   TORCH_CHECK_VALUE(strategy >= 0 && strategy <= 2,
@@ -363,6 +368,7 @@ std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hid
   p.needs_grad_lse = grad_lse;
   p.has_softcap = has_softcap;
   p.has_weighted_smoothing = has_weighted_smoothing;
+  p.needs_metrics = compute_metrics;
   // The CUDA planner asks the current device what its fused GEMMs can do.
   std::optional<c10::DeviceGuard> guard;
   if (device.is_cuda() && device.has_index() && cuda_available()) guard.emplace(device);
@@ -381,7 +387,8 @@ std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hid
           static_cast<int64_t>(plan.backward_order),
           static_cast<int64_t>(plan.gemm_scratch_bytes),
           static_cast<int64_t>(plan.fused_logits),
-          static_cast<int64_t>(plan.compact_backward_blocks)};
+          static_cast<int64_t>(plan.compact_backward_blocks),
+          static_cast<int64_t>(plan.compact_forward_blocks)};
 }
 
 int64_t default_memory_budget_op() { return static_cast<int64_t>(kDefaultMemoryBudget); }
@@ -595,7 +602,7 @@ TORCH_LIBRARY(flce, m) {
       "plan(int num_tokens, int vocab_size, int hidden_size, ScalarType dtype, Device device, "
       "int reduction, bool has_bias, bool grad_x, bool grad_weight, bool grad_bias, "
       "bool grad_lse, int memory_budget, int strategy, bool has_softcap=False, "
-      "bool has_weighted_smoothing=False) -> int[]",
+      "bool has_weighted_smoothing=False, bool compute_metrics=False) -> int[]",
       &plan_op);
   m.def("default_memory_budget() -> int", &default_memory_budget_op);
   m.def("scale_(Tensor(a!) grad, Tensor scale) -> ()");

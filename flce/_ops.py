@@ -31,6 +31,7 @@ PLAN_FIELDS = (
     "gemm_scratch_bytes",
     "fused_logits",
     "compact_backward_blocks",
+    "compact_forward_blocks",
 )
 # flce::FusedLogits
 FUSED_LOGITS = {"off": 0, "auto": 1, "always": 2}
@@ -61,6 +62,7 @@ def compute_plan(
     strategy: int,
     has_softcap: bool = False,
     has_weighted_smoothing: bool = False,
+    compute_metrics: bool = False,
 ) -> list[int]:
     return list(
         torch.ops.flce.plan(
@@ -79,6 +81,7 @@ def compute_plan(
             strategy,
             bool(has_softcap),
             bool(has_weighted_smoothing),
+            bool(compute_metrics),
         )
     )
 

@@ -304,6 +304,7 @@ def linear_cross_entropy(
         strategy_code,
         options[4] > 0.0,
         class_weight is not None and options[2] > 0.0,
+        bool(return_metrics),
     )
     in_forward = plan[0] == _ops.GRAD_IN_FORWARD
     loss, lse, metrics, _, _, _ = torch.ops.flce.lce_forward(
@@ -418,14 +419,16 @@ def plan(
     strategy: str = "auto",
     softcap: float | None = None,
     class_weighted_smoothing: bool = False,
+    return_metrics: bool = False,
 ) -> dict:
     """The plan flce would use for a call of this shape: strategy name, chunk sizes, the
     recompute backward's loop order ("vocab_outer" or "token_outer"), the GEMM scratch, the
     forward / backward workspace bytes, whether the backend's fused logits GEMMs may run
-    ("auto", "always" or "off") and whether the recompute backward's blocks hold only dZ
-    (compact_backward_blocks: where the fused dZ GEMM is expected to serve the call; see
-    flce::Plan). `softcap` and `class_weighted_smoothing` (class weights with label smoothing)
-    matter because the fused GEMMs do not serve them. Raises ValueError when the budget is too
+    ("auto", "always" or "off") and whether the recompute strategy's blocks are compact: forward
+    blocks that hold only partial row statistics (compact_forward_blocks) and backward blocks
+    that hold only dZ (compact_backward_blocks), where the fused GEMMs are expected to serve the
+    call (see flce::Plan). `softcap`, `class_weighted_smoothing` (class weights with label
+    smoothing) and `return_metrics` matter because the fused GEMMs do not serve them. Raises ValueError when the budget is too
     small (the message gives the minimum)."""
     for name, value in (
         ("num_tokens", num_tokens),
@@ -451,10 +454,12 @@ def plan(
         _strategy_code(strategy),
         softcap is not None and _float_option("softcap", softcap, low=0.0) > 0.0,
         bool(class_weighted_smoothing),
+        bool(return_metrics),
     )
     out = dict(zip(_ops.PLAN_FIELDS, values))
     out["strategy"] = _ops.STRATEGY_NAMES[out["strategy"]]
     out["backward_order"] = _ops.BACKWARD_ORDER_NAMES[out["backward_order"]]
     out["fused_logits"] = _ops.FUSED_LOGITS_NAMES[out["fused_logits"]]
     out["compact_backward_blocks"] = bool(out["compact_backward_blocks"])
+    out["compact_forward_blocks"] = bool(out["compact_forward_blocks"])
     return out

@@ -44,6 +44,10 @@ struct PrepareArgs {
   float* scalars = nullptr;  // [kNumScalars]
 };
 
+// Columns summarized by one partial RowState of Backend::logits_stats (the fused statistics
+// GEMM's tile width).
+constexpr int64_t kPartialStatsCols = 256;
+
 // Rows of a logits block: statistics, loss, LSE, metrics and optionally the gradient with
 // respect to the raw logits. A block spans all V columns, or (without a gradient) columns
 // [col_offset, col_offset + cols) of rows whose statistics are merged through `carry`: the
@@ -81,7 +85,7 @@ struct RowForwardArgs {
 
   // Per-tile statistics instead of logits (a backend's fused logits GEMM, no gradient): row r's
   // statistics over columns [t * T, (t + 1) * T) of the block are partials[r * partials_ld + t]
-  // (T = BackendTraits::fused_tile_cols), and target_z[r] is the transformed logit of its label
+  // (T = kPartialStatsCols), and target_z[r] is the transformed logit of its label
   // when the label falls in the block. logits_stats writes both; rows_forward reads them when
   // `partials` is set, in place of `logits`.
   RowState* partials = nullptr;
@@ -188,13 +192,10 @@ struct BackendTraits {
   // workspace), carved from the workspace, and the least it can run with.
   size_t gemm_scratch_bytes = 0;
   size_t min_gemm_scratch_bytes = 0;
-  // Columns summarized by one partial RowState of logits_stats; 0 when the backend has no fused
-  // logits GEMMs.
-  int64_t fused_tile_cols = 0;
-  // Whether the backend expects its fused dZ GEMM to serve the recompute blocks of `problem` on
-  // the current device (the operands' alignment is only known at the call); null: never. The
-  // planner then sizes compact backward blocks (Plan::compact_backward_blocks).
-  bool (*fused_grad_expected)(const Problem& problem) = nullptr;
+  // Whether the backend expects its fused logits GEMMs to serve the row math of `problem` on the
+  // current device (the operands' alignment is only known at the call); null: never. The planner
+  // then sizes compact blocks (Plan::compact_forward_blocks / compact_backward_blocks).
+  bool (*fused_logits_expected)(const Problem& problem) = nullptr;
 };
 
 BackendTraits backend_traits(Device device);

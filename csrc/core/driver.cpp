@@ -202,6 +202,7 @@ Problem problem_of(const P& p) {
   prob.needs_grad_weight = p.grad_weight != nullptr;
   prob.needs_grad_bias = p.grad_bias != nullptr;
   if constexpr (std::is_same_v<P, BackwardParams>) prob.needs_grad_lse = p.grad_lse != nullptr;
+  if constexpr (std::is_same_v<P, ForwardParams>) prob.needs_metrics = p.metrics != nullptr;
   prob.has_softcap = p.options.softcap > 0.0f;
   prob.has_weighted_smoothing = p.class_weight != nullptr && p.options.label_smoothing > 0.0f;
   return prob;
@@ -295,28 +296,37 @@ Status logits_gemm(Backend& be, const LogitsOperands& op, float* logits) {
                            false));
 }
 
+int64_t partials_per_row(int64_t cols) {
+  return (cols + kPartialStatsCols - 1) / kPartialStatsCols;
+}
+
 // Whether a statistics block [rows, cols] may run through the backend's fused logits GEMM: the
-// plan allows it, the backend can run the operands, and the partial statistics fit where the fp32
-// logits block would go.
-bool fused_stats_fit(const Plan& plan, const BackendTraits& traits, const Backend& be,
-                     const LogitsOperands& op, const RowForwardArgs& rf) {
-  if (plan.fused_logits == FusedLogits::kOff || traits.fused_tile_cols <= 0) return false;
-  const int64_t tiles = (op.cols + traits.fused_tile_cols - 1) / traits.fused_tile_cols;
-  const int64_t bytes = tiles * static_cast<int64_t>(sizeof(RowState)) + 4;
-  return bytes <= op.cols * 4 && be.fused_stats(op, rf);
+// plan allows it, the backend can run the operands, and the partial statistics fit the block's
+// `block_bytes`.
+bool fused_stats_fit(const Plan& plan, const Backend& be, const LogitsOperands& op,
+                     const RowForwardArgs& rf, size_t block_bytes) {
+  if (plan.fused_logits == FusedLogits::kOff) return false;
+  const size_t bytes =
+      static_cast<size_t>(op.rows) * (partials_per_row(op.cols) * sizeof(RowState) + sizeof(float));
+  return bytes <= block_bytes && be.fused_stats(op, rf);
 }
 
 // Statistics (no gradient) of the block [rows, cols] at (t0, v0) into `rf` (whose block and carry
 // fields the caller set): through the fused GEMM when it may run, else fp32 logits into `logits`
-// and the row kernel.
-Status stats_block(Backend& be, const Plan& plan, const BackendTraits& traits,
-                   const LogitsOperands& op, RowForwardArgs rf, float* logits) {
-  if (fused_stats_fit(plan, traits, be, op, rf)) {
-    rf.partials_ld = (op.cols + traits.fused_tile_cols - 1) / traits.fused_tile_cols;
+// (block_bytes long) and the row kernel.
+Status stats_block(Backend& be, const Plan& plan, const LogitsOperands& op, RowForwardArgs rf,
+                   float* logits, size_t block_bytes) {
+  if (fused_stats_fit(plan, be, op, rf, block_bytes)) {
+    rf.partials_ld = partials_per_row(op.cols);
     rf.partials = reinterpret_cast<RowState*>(logits);
     rf.target_z = reinterpret_cast<float*>(rf.partials + op.rows * rf.partials_ld);
     FLCE_RETURN_IF_ERROR(be.logits_stats(op, rf));
     return be.rows_forward(rf);
+  }
+  if (static_cast<size_t>(op.rows * op.cols) * sizeof(float) > block_bytes) {
+    return Status::Error(StatusCode::kInvalidArgument,
+                         "statistics block [" + std::to_string(op.rows) + ", " +
+                             std::to_string(op.cols) + "] does not fit its workspace block");
   }
   FLCE_RETURN_IF_ERROR(logits_gemm(be, op, logits));
   rf.logits = logits;
@@ -373,7 +383,7 @@ Status run_forward(Device device, const ForwardParams& p) {
   const Problem prob = problem_of(p);
   const BackendTraits traits = backend_traits(device);
   FLCE_RETURN_IF_ERROR(check_gemm_scratch(plan, traits));
-  const int64_t block_cols = forward_cols(prob, plan);
+  int64_t block_cols = forward_cols(prob, plan);
   if (grads && block_cols < v) {
     return invalid(
         "plan.forward_vocab_chunk must be 0 or >= vocab_size when the forward computes "
@@ -384,8 +394,6 @@ Status run_forward(Device device, const ForwardParams& p) {
   void* ws = p.workspace;
   auto be = make_backend(device, l, ws, plan, traits, p.stream, p.allow_tf32);
   if (!be) return Status::Error(StatusCode::kNotCompiled, "backend unavailable");
-  RowCarry* carry =
-      l.row_carry == kAbsent ? nullptr : reinterpret_cast<RowCarry*>(at(ws, l.row_carry));
 
   float* scalars = reinterpret_cast<float*>(at(ws, l.scalars));
   FLCE_RETURN_IF_ERROR(be->prepare(prepare_args(p, scalars)));
@@ -398,8 +406,23 @@ Status run_forward(Device device, const ForwardParams& p) {
   float* row_metrics =
       p.metrics != nullptr ? reinterpret_cast<float*>(at(ws, l.row_metrics)) : nullptr;
   float* logits = reinterpret_cast<float*>(at(ws, l.logits));
+  const size_t block_bytes = forward_block_bytes(prob, plan);
   const DType dz_type = traits.dz_type(p.dtype);
   const int64_t chunk = plan.forward_token_chunk;
+  // Compact blocks hold partial statistics only. Every block is alike in alignment, so the first
+  // one decides whether the fused GEMM serves them; if not, rows are split into vocabulary blocks
+  // whose fp32 logits fit the same bytes (at least 1 column: a block holds >= 12 bytes per row).
+  if (compact_forward(prob, plan)) {
+    const int64_t rows = std::min(chunk, n), cols = block_cols;
+    RowForwardArgs rf = row_forward_args(p, rows, 0, scalars, row_loss, lse, row_metrics);
+    rf.cols = cols;
+    if (!fused_stats_fit(plan, *be, logits_operands(p, p.x, rows, 0, cols), rf, block_bytes)) {
+      block_cols = std::max<int64_t>(
+          1, static_cast<int64_t>(block_bytes / (static_cast<size_t>(rows) * sizeof(float))));
+      block_cols = std::min(block_cols, v);
+    }
+  }
+  RowCarry* carry = block_cols < v ? reinterpret_cast<RowCarry*>(at(ws, l.row_carry)) : nullptr;
   const bool in_place = dz_in_place(plan);
 
   // Where dW accumulates: straight into the output when one group covers all tokens, else an
@@ -423,8 +446,8 @@ Status run_forward(Device device, const ForwardParams& p) {
         rf.cols = cols;
         rf.col_offset = v0;
         rf.carry = carry;
-        FLCE_RETURN_IF_ERROR(stats_block(*be, plan, traits,
-                                         logits_operands(p, x_chunk, rows, v0, cols), rf, logits));
+        FLCE_RETURN_IF_ERROR(stats_block(*be, plan, logits_operands(p, x_chunk, rows, v0, cols), rf,
+                                         logits, block_bytes));
       }
       continue;
     }
@@ -432,7 +455,7 @@ Status run_forward(Device device, const ForwardParams& p) {
       RowForwardArgs rf = row_forward_args(p, rows, t0, scalars, row_loss, lse, row_metrics);
       rf.cols = v;
       FLCE_RETURN_IF_ERROR(
-          stats_block(*be, plan, traits, logits_operands(p, x_chunk, rows, 0, v), rf, logits));
+          stats_block(*be, plan, logits_operands(p, x_chunk, rows, 0, v), rf, logits, block_bytes));
       continue;
     }
 
@@ -649,11 +672,11 @@ Status run_backward(Device device, const BackwardParams& p) {
       const int64_t rows = std::min(bt, n - t0);
       // dZ of x[t0:] W[v0:]^T
       const void* x_block = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
-      FLCE_RETURN_IF_ERROR(grad_block(
-          *be, plan, compact, logits_operands(p, x_block, rows, v0, cols),
-          row_grad_args(p, scalars, logits, rows, cols, t0, v0,
-                        offset_ptr(dz_all, t0 * ldz, dz_type), ldz, dz_type),
-          logits));
+      FLCE_RETURN_IF_ERROR(
+          grad_block(*be, plan, compact, logits_operands(p, x_block, rows, v0, cols),
+                     row_grad_args(p, scalars, logits, rows, cols, t0, v0,
+                                   offset_ptr(dz_all, t0 * ldz, dz_type), ldz, dz_type),
+                     logits));
     }
 
     if (p.grad_weight) {  // dW[v0:v0+cols] = dZ^T x, written once

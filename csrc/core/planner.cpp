@@ -41,8 +41,8 @@ size_t plan_bytes(const Problem& p, const Plan& plan, const BackendTraits& t) {
 // Rows of a forward logits block [rows, V], a multiple of 64, such that the fp32 block, the GEMM
 // scratch and the per-token vectors (loss, LSE, metrics) take at most kTargetExtraBytes.
 int64_t target_block_rows(const Problem& p, const BackendTraits& t) {
-  const size_t vectors =
-      static_cast<size_t>(std::max<int64_t>(p.num_tokens, 1)) * (2 + detail::kNumRowMetrics) * sizeof(float);
+  const size_t vectors = static_cast<size_t>(std::max<int64_t>(p.num_tokens, 1)) *
+                         (2 + detail::kNumRowMetrics) * sizeof(float);
   const size_t fixed = t.gemm_scratch_bytes + vectors + (size_t(64) << 10);
   const size_t room = kTargetExtraBytes > fixed ? kTargetExtraBytes - fixed : 0;
   const int64_t rows = static_cast<int64_t>(room / (sizeof(float) * p.vocab_size));
@@ -143,7 +143,9 @@ template <typename F>
 void for_each_recompute_forward(const Problem& p, const BackendTraits& t, Plan plan, F&& f) {
   const int64_t n = std::max<int64_t>(p.num_tokens, 1), v = p.vocab_size;
   plan.forward_vocab_chunk = 0;
-  for (int64_t c : descending(target_block_rows(p, t), std::min(n, kMinWholeRowChunk), n)) {
+  // Compact blocks (partial statistics, V / 32 bytes a row) take the most rows a GEMM gains from.
+  const int64_t most_rows = plan.compact_forward_blocks ? kMaxTokenChunk : target_block_rows(p, t);
+  for (int64_t c : descending(most_rows, std::min(n, kMinWholeRowChunk), n)) {
     plan.forward_token_chunk = c;
     f(plan);
   }
@@ -282,21 +284,28 @@ bool pick_recompute_backward(const Problem& p, size_t budget, const BackendTrait
   return found;
 }
 
-// Whether the recompute backward's blocks may be compact (dZ only, in a 16-bit type): where the
-// backend expects its fused dZ GEMM to write them.
-bool compact_backward(const Problem& p, const BackendTraits& t) {
+// Whether the recompute strategy's blocks may be compact: where the backend expects its fused
+// GEMMs to serve them (the forward's statistics need no metrics; dZ must be 16-bit).
+bool fused_expected(const Problem& p, const BackendTraits& t) {
+  return t.fused_logits_expected != nullptr && t.fused_logits_expected(p);
+}
+bool compact_forward_blocks(const Problem& p, const BackendTraits& t) {
+  return !p.needs_metrics && fused_expected(p, t);
+}
+bool compact_backward_blocks(const Problem& p, const BackendTraits& t) {
   const bool any_grad = p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias;
-  return any_grad && t.fused_grad_expected != nullptr && dtype_size(t.dz_type(p.dtype)) < 4 &&
-         t.fused_grad_expected(p);
+  return any_grad && dtype_size(t.dz_type(p.dtype)) < 4 && fused_expected(p, t);
 }
 
 bool try_recompute(const Problem& p, size_t budget, const BackendTraits& t, Plan* out) {
   const bool any_grad = p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias;
-  const bool compact = compact_backward(p, t);
+  const bool compact_fwd = compact_forward_blocks(p, t);
+  const bool compact_bwd = compact_backward_blocks(p, t);
   for (size_t scratch : recompute_scratch_sizes(budget, t)) {
     Plan plan;
     plan.strategy = Strategy::kRecompute;
-    plan.compact_backward_blocks = compact;
+    plan.compact_forward_blocks = compact_fwd;
+    plan.compact_backward_blocks = compact_bwd;
     plan.gemm_scratch_bytes = scratch;
     if (!pick_recompute_forward(p, budget, t, &plan)) continue;
     if (any_grad && !pick_recompute_backward(p, budget, t, &plan)) continue;
@@ -319,7 +328,8 @@ size_t minimum_budget(const Problem& p, const BackendTraits& t, bool gif, bool r
   if (recompute) {
     Plan plan;
     plan.strategy = Strategy::kRecompute;
-    plan.compact_backward_blocks = compact_backward(p, t);
+    plan.compact_forward_blocks = compact_forward_blocks(p, t);
+    plan.compact_backward_blocks = compact_backward_blocks(p, t);
     plan.gemm_scratch_bytes = t.min_gemm_scratch_bytes;
     size_t fwd = ~size_t(0);
     for_each_recompute_forward(
@@ -395,6 +405,7 @@ Status make_plan(const Problem& p, Device device, size_t budget, Strategy forced
     plan->backward_vocab_chunk = 0;
     plan->compact_backward_blocks = false;
   }
+  if (plan->strategy == Strategy::kGradInForward) plan->compact_forward_blocks = false;
   plan->forward_workspace_bytes = forward_bytes(p, *plan, t);
   plan->backward_workspace_bytes = backward_bytes(p, *plan, t);
   plan->min_budget_bytes = min_budget;

@@ -27,6 +27,13 @@ size_t f32(int64_t count) { return static_cast<size_t>(count) * sizeof(float); }
 
 }  // namespace
 
+size_t forward_block_bytes(const Problem& p, const Plan& plan) {
+  const int64_t rows = plan.forward_token_chunk, cols = forward_cols(p, plan);
+  if (!compact_forward(p, plan)) return f32(rows * cols);
+  const int64_t partials = (cols + kPartialStatsCols - 1) / kPartialStatsCols;
+  return static_cast<size_t>(rows) * (partials * sizeof(RowState) + sizeof(float));
+}
+
 ForwardLayout forward_layout(const Problem& p, const Plan& plan, const BackendTraits& traits) {
   ForwardLayout l;
   Carver c;
@@ -36,11 +43,12 @@ ForwardLayout forward_layout(const Problem& p, const Plan& plan, const BackendTr
   l.lse = c.take(f32(n));
   l.row_metrics = c.take(f32(n * kNumRowMetrics));
   const int64_t cols = forward_cols(p, plan);
-  l.logits = c.take(f32(plan.forward_token_chunk * cols));
-  if (cols < v) l.row_carry = c.take(static_cast<size_t>(n) * sizeof(RowCarry));
-  const bool grads = plan.strategy == Strategy::kGradInForward &&
-                     (p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias);
-  if (grads) {
+  l.logits = c.take(forward_block_bytes(p, plan));
+  // Compact blocks keep the carry for their fallback, which splits rows.
+  if (cols < v || compact_forward(p, plan)) {
+    l.row_carry = c.take(static_cast<size_t>(n) * sizeof(RowCarry));
+  }
+  if (grads_in_forward(p, plan)) {
     if (!dz_in_place(plan)) {
       l.dz_group = c.take(static_cast<size_t>(plan.dw_group_tokens) * v *
                           dtype_size(traits.dz_type(p.dtype)));
@@ -65,9 +73,9 @@ BackwardLayout backward_layout(const Problem& p, const Plan& plan, const Backend
   const int64_t bt = plan.backward_token_chunk, bv = plan.backward_vocab_chunk;
   l.scalars = c.take(f32(kNumScalars));
   const size_t dz_size = dtype_size(traits.dz_type(p.dtype));
-  l.logits = c.take(plan.compact_backward_blocks
-                        ? static_cast<size_t>(bt) * compact_ld(bv) * dz_size
-                        : f32(bt * bv));
+  l.logits =
+      c.take(plan.compact_backward_blocks ? static_cast<size_t>(bt) * compact_ld(bv) * dz_size
+                                          : f32(bt * bv));
   if (token_outer(plan)) {
     // dZ overwrites each block in place; dx of one token chunk and db of all columns accumulate.
     if (needs_dx_accumulator(p, plan)) l.dx_accum = c.take(f32(std::min(bt, n) * d));

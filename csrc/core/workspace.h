@@ -22,8 +22,9 @@ struct ForwardLayout {
   size_t row_loss = kAbsent;     // float[N] (mean / sum; none writes the output directly)
   size_t lse = kAbsent;          // float[N] (when the caller passed no lse output)
   size_t row_metrics = kAbsent;  // float[N, kNumRowMetrics]
-  size_t logits = kAbsent;       // float[forward_token_chunk, forward columns]
-  size_t row_carry = kAbsent;    // RowCarry[N] (when blocks split rows)
+  size_t logits = kAbsent;       // float[forward_token_chunk, forward columns], or compact:
+                                 // forward_block_bytes
+  size_t row_carry = kAbsent;    // RowCarry[N] (when blocks split rows, or compact blocks)
   size_t dz_group = kAbsent;     // dz_type[dw_group_tokens, V] (when the group spans chunks)
   size_t dw_accum = kAbsent;     // float[V, D]
   size_t db_accum = kAbsent;     // float[V]
@@ -58,6 +59,17 @@ inline int64_t forward_cols(const Problem& p, const Plan& plan) {
              ? plan.forward_vocab_chunk
              : p.vocab_size;
 }
+inline bool grads_in_forward(const Problem& p, const Plan& plan) {
+  return plan.strategy == Strategy::kGradInForward &&
+         (p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias);
+}
+// Compact forward blocks apply to statistics-only forwards.
+inline bool compact_forward(const Problem& p, const Plan& plan) {
+  return plan.compact_forward_blocks && !grads_in_forward(p, plan);
+}
+// Bytes of the forward's logits block: fp32 logits, or with compact blocks one partial RowState
+// per row and kPartialStatsCols columns plus the label's logit per row.
+size_t forward_block_bytes(const Problem& p, const Plan& plan);
 inline bool token_outer(const Plan& plan) {
   return plan.backward_order == BackwardOrder::kTokenOuter;
 }
@@ -80,8 +92,7 @@ inline int64_t narrowest_vocab_chunk(const Plan& plan) {
   return plan.compact_backward_blocks ? fallback_vocab_chunk(plan) : plan.backward_vocab_chunk;
 }
 inline bool needs_dx_accumulator(const Problem& p, const Plan& plan) {
-  return p.needs_grad_x && narrowest_vocab_chunk(plan) < p.vocab_size &&
-         p.dtype != DType::kFloat32;
+  return p.needs_grad_x && narrowest_vocab_chunk(plan) < p.vocab_size && p.dtype != DType::kFloat32;
 }
 
 }  // namespace flce::detail

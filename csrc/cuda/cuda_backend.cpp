@@ -89,8 +89,7 @@ BackendTraits cuda_traits() {
   t.dz_type = &cuda_dz_type;
   t.gemm_scratch_bytes = cuda::kCublasLtWorkspaceBytes;
   t.min_gemm_scratch_bytes = cuda::kMinCublasLtWorkspaceBytes;
-  t.fused_tile_cols = cuda::kFusedTileCols;
-  t.fused_grad_expected = &cuda::fused_grad_expected;
+  t.fused_logits_expected = &cuda::fused_logits_expected;
   return t;
 }
 

@@ -90,7 +90,7 @@ bool fused_grad_supported(const LogitsOperands& op, const RowGradArgs& a) {
          plain_options(a.options, a.bias, a.class_weight) && fused_logits_supported(op);
 }
 
-bool fused_grad_expected(const Problem& p) {
+bool fused_logits_expected(const Problem& p) {
 #if FLCE_WITH_CUTLASS
   return (p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16) && p.hidden_size % 8 == 0 &&
          p.hidden_size <= INT_MAX && !p.has_bias && !p.has_softcap && !p.has_weighted_smoothing &&

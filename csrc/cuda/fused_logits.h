@@ -15,6 +15,7 @@ namespace flce::detail::cuda {
 // Rows and columns of one CTA tile; the columns of a tile are summarized by one partial RowState.
 constexpr int64_t kFusedTileRows = 128;
 constexpr int64_t kFusedTileCols = 256;
+static_assert(kFusedTileCols == kPartialStatsCols, "one partial RowState per CTA tile of columns");
 
 // Whether this build and the current device can run the fused GEMMs on `op` (dtype, alignment of
 // the TMA operands, sizes that fit the kernel's 32-bit problem shape), and whether their
@@ -24,9 +25,10 @@ constexpr int64_t kFusedTileCols = 256;
 bool fused_logits_supported(const LogitsOperands& op);
 bool fused_stats_supported(const LogitsOperands& op, const RowForwardArgs& args);
 bool fused_grad_supported(const LogitsOperands& op, const RowGradArgs& args);
-// Whether the fused dZ GEMM will serve the recompute blocks of `p` on the current device, given
-// 16-byte aligned operands (the planner's question: see BackendTraits::fused_grad_expected).
-bool fused_grad_expected(const Problem& p);
+// Whether the fused GEMMs will serve the statistics-only forward blocks and the recompute dZ blocks
+// of `p` on the current device, given 16-byte aligned operands (the planner's question: see
+// BackendTraits::fused_logits_expected); the forward's also need no metrics.
+bool fused_logits_expected(const Problem& p);
 // Whether the fused dZ GEMM is expected to be faster than cuBLASLt + the row kernel on `op`.
 bool fused_grad_pays(const LogitsOperands& op);
 // SM count of the current device (asked once per device); the persistent kernels size their grid

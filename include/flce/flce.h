@@ -107,6 +107,8 @@ struct Problem {
   // weights take the row kernels.
   bool has_softcap = false;
   bool has_weighted_smoothing = false;
+  // The forward will return the monitoring metrics (flce::Metric).
+  bool needs_metrics = false;
 };
 
 // kAuto: where the backend can run them and expects them to be faster (the CUDA backend fuses
@@ -141,9 +143,15 @@ struct Plan {
   // Recompute backward blocks hold dZ only, in the input dtype (the fused dZ GEMM writes it; no
   // fp32 logits block), so a budget holds blocks twice as large. The planner sets it where the
   // backend expects its fused GEMM to serve the problem; should the GEMM refuse a call anyway
-  // (operands not 16-byte aligned, another device), the backward runs the unfused path on vocabulary
-  // chunks half as wide, whose fp32 blocks fit the same bytes.
+  // (operands not 16-byte aligned, another device), the backward runs the unfused path on
+  // vocabulary chunks half as wide, whose fp32 blocks fit the same bytes.
   bool compact_backward_blocks = false;
+  // Statistics-only forward blocks (recompute, or no gradients) hold only the fused GEMM's partial
+  // row statistics (8 bytes per row and 256 columns) instead of fp32 logits, so a block of 4096
+  // whole rows costs a few MiB. Set where the backend expects its fused statistics GEMM to serve
+  // the problem (no metrics asked for); should it refuse a call anyway, the forward computes fp32
+  // logits in narrow vocabulary blocks that fit the same bytes and merges the rows' statistics.
+  bool compact_forward_blocks = false;
   size_t forward_workspace_bytes = 0;
   size_t backward_workspace_bytes = 0;
   // The smallest budget in which the strategies allowed by the request (all, or the forced one)

@@ -510,9 +510,10 @@ std::vector<CudaParam> cuda_params() {
         p.choice.plan.backward_order = BackwardOrder::kTokenOuter;
         p.name = dn + "_token_outer_chunks" + suffix;
         out.push_back(p);
-        // Compact (dZ-only) blocks: written by the fused GEMM, or (fused_logits off) the unfused
-        // path on half-width vocabulary chunks in the same bytes.
+        // Compact blocks (partial statistics, dZ only): written by the fused GEMMs, or
+        // (fused_logits off) the unfused path on narrower vocabulary blocks in the same bytes.
         p.choice.plan.compact_backward_blocks = true;
+        p.choice.plan.compact_forward_blocks = true;
         p.name = dn + "_token_outer_compact" + suffix;
         out.push_back(p);
         p.choice.plan.backward_order = BackwardOrder::kVocabOuter;
@@ -520,6 +521,7 @@ std::vector<CudaParam> cuda_params() {
         out.push_back(p);
         p.choice.plan.backward_token_chunk = sh.n;  // one token block, in place
         p.choice.plan.backward_vocab_chunk = sh.v;  // one vocabulary chunk (two when unfused)
+        p.choice.plan.forward_vocab_chunk = 0;      // whole forward rows
         p.name = dn + "_recompute_compact_one_block" + suffix;
         out.push_back(p);
       }

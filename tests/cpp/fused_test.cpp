@@ -245,6 +245,29 @@ TEST(FusedEdge, ZeroTokens) {
   }
 }
 
+// A statistics-only forward on compact blocks without fused GEMMs: its rows are split into
+// vocabulary blocks whose fp32 logits fit the partial statistics' bytes, and merged.
+TEST(FusedEdge, CompactForwardWithoutGradients) {
+  for (DType t : {DType::kFloat32, DType::kBFloat16}) {
+    Case c = base_case(31);
+    c.dtype = t;
+    c.grad_x = false;
+    c.grad_weight = false;
+    c.options.label_smoothing = 0.1f;
+    c.options.z_loss = 1e-3f;
+    SCOPED_TRACE(c.describe());
+    const Inputs in = make_inputs(c);
+    PlanChoice choice;
+    choice.manual = true;
+    choice.plan.strategy = Strategy::kRecompute;
+    choice.plan.compact_forward_blocks = true;
+    choice.plan.forward_token_chunk = 16;
+    Outputs out;
+    ASSERT_TRUE(run_fused(c, in, choice, &out));
+    expect_matches_reference(c, in, out);
+  }
+}
+
 // A vocabulary beyond 65536 (16-bit index overflow, grid limits on the GPU).
 TEST(FusedEdge, LargeVocabulary) {
   for (Strategy s : {Strategy::kGradInForward, Strategy::kRecompute}) {
@@ -308,11 +331,12 @@ std::vector<ChunkParam> chunk_params() {
     p.forward_vocab_chunk = 29;  // forward rows split into 8 vocabulary blocks (last one short)
     p.forward_token_chunk = 19;
     out.push_back({dn + "_recompute_split_forward_rows", p, t});
-    // Compact (dZ-only) blocks on a backend without fused GEMMs: the unfused path on half-width
-    // vocabulary chunks, in the compact block's bytes.
+    // Compact blocks on a backend without fused GEMMs: the unfused path on narrower vocabulary
+    // blocks (forward: merged across blocks; backward: half-width chunks) in the same bytes.
     p = Plan();
     p.strategy = Strategy::kRecompute;
     p.compact_backward_blocks = true;
+    p.compact_forward_blocks = true;
     p.forward_token_chunk = 19;
     p.backward_token_chunk = 13;
     p.backward_vocab_chunk = 37;

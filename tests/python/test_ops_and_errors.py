@@ -14,6 +14,7 @@ def plan_list(n, v, d, dtype, device, strategy, **kw):
     p["backward_order"] = _ops.BACKWARD_ORDERS[p["backward_order"]]
     p["fused_logits"] = _ops.FUSED_LOGITS[p["fused_logits"]]
     p["compact_backward_blocks"] = int(p["compact_backward_blocks"])
+    p["compact_forward_blocks"] = int(p["compact_forward_blocks"])
     return [p[k] for k in _ops.PLAN_FIELDS]
 
 
@@ -146,6 +147,28 @@ def test_plan_compact_backward_blocks(device):
         assert plain["backward_vocab_chunk"] >= 2 * capped["backward_vocab_chunk"] - 256
     gif = flce.plan(*shape, torch.bfloat16, device, strategy="grad_in_forward")
     assert gif["compact_backward_blocks"] is False
+    assert gif["compact_forward_blocks"] is False
+
+
+def test_plan_compact_forward_blocks(device):
+    """Compact forward blocks (partial row statistics only) where the fused statistics GEMM
+    serves the forward: not with metrics, soft-capping or fp32 inputs. Without gradients the
+    forward's workspace then shrinks from a 512 MiB fp32 block to a few MiB of statistics."""
+    shape = (8192, 256000, 2304)
+    no_grad = dict(needs_grad_x=False, needs_grad_weight=False)
+    plain = flce.plan(*shape, torch.bfloat16, device, **no_grad)
+    metrics = flce.plan(*shape, torch.bfloat16, device, return_metrics=True, **no_grad)
+    capped = flce.plan(*shape, torch.bfloat16, device, softcap=30.0, **no_grad)
+    fp32 = flce.plan(*shape, torch.float32, device, **no_grad)
+    expected = _fused_gemms_expected(device)
+    assert plain["compact_forward_blocks"] == expected
+    for other in (metrics, capped, fp32):
+        assert other["compact_forward_blocks"] is False
+        assert other["forward_workspace_bytes"] > 256 << 20
+    if expected:
+        assert plain["forward_workspace_bytes"] < 128 << 20
+        lean = flce.plan(*shape, torch.bfloat16, device, memory_budget=60 << 20, return_metrics=True)
+        assert lean["compact_backward_blocks"] and not lean["compact_forward_blocks"]
 
 
 # -- errors: every message names the argument ------------------------------------------------
