@@ -408,18 +408,21 @@ Status run_forward(Device device, const ForwardParams& p) {
   float* logits = reinterpret_cast<float*>(at(ws, l.logits));
   const size_t block_bytes = forward_block_bytes(prob, plan);
   const DType dz_type = traits.dz_type(p.dtype);
-  const int64_t chunk = plan.forward_token_chunk;
+  int64_t chunk = plan.forward_token_chunk;
   // Compact blocks hold partial statistics only. Every block is alike in alignment, so the first
-  // one decides whether the fused GEMM serves them; if not, rows are split into vocabulary blocks
-  // whose fp32 logits fit the same bytes (at least 1 column: a block holds >= 12 bytes per row).
+  // one decides whether the fused GEMM serves them; if not, fp32 blocks of up to
+  // kFallbackStatsCols columns and as many rows as fit the same bytes run instead (a compact
+  // block holds >= 36 bytes per row, so at least 9 columns of one row).
   if (compact_forward(prob, plan)) {
-    const int64_t rows = std::min(chunk, n), cols = block_cols;
+    const int64_t rows = std::min(chunk, n);
     RowForwardArgs rf = row_forward_args(p, rows, 0, scalars, row_loss, lse, row_metrics);
-    rf.cols = cols;
-    if (!fused_stats_fit(plan, *be, logits_operands(p, p.x, rows, 0, cols), rf, block_bytes)) {
-      block_cols = std::max<int64_t>(
-          1, static_cast<int64_t>(block_bytes / (static_cast<size_t>(rows) * sizeof(float))));
-      block_cols = std::min(block_cols, v);
+    rf.cols = block_cols;
+    if (!fused_stats_fit(plan, *be, logits_operands(p, p.x, rows, 0, block_cols), rf,
+                         block_bytes)) {
+      constexpr int64_t kFallbackStatsCols = 16384;
+      const int64_t floats = static_cast<int64_t>(block_bytes / sizeof(float));
+      block_cols = std::min({v, kFallbackStatsCols, floats});
+      chunk = std::clamp<int64_t>(floats / block_cols, 1, chunk);
     }
   }
   RowCarry* carry = block_cols < v ? reinterpret_cast<RowCarry*>(at(ws, l.row_carry)) : nullptr;

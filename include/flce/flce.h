@@ -147,10 +147,10 @@ struct Plan {
   // vocabulary chunks half as wide, whose fp32 blocks fit the same bytes.
   bool compact_backward_blocks = false;
   // Statistics-only forward blocks (recompute, or no gradients) hold only the fused GEMM's partial
-  // row statistics (8 bytes per row and 256 columns) instead of fp32 logits, so a block of 4096
-  // whole rows costs a few MiB. Set where the backend expects its fused statistics GEMM to serve
-  // the problem (no metrics asked for); should it refuse a call anyway, the forward computes fp32
-  // logits in narrow vocabulary blocks that fit the same bytes and merges the rows' statistics.
+  // row statistics (one 32-byte state per row and 256 columns: 1/32 of the fp32 logits' bytes).
+  // Set where the backend expects its fused statistics GEMM to serve the problem (no metrics asked
+  // for); should it refuse a call anyway, the forward computes fp32 logits in smaller blocks (fewer
+  // rows, split into vocabulary blocks) that fit the same bytes and merges the rows' statistics.
   bool compact_forward_blocks = false;
   size_t forward_workspace_bytes = 0;
   size_t backward_workspace_bytes = 0;

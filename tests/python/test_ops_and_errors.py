@@ -153,7 +153,7 @@ def test_plan_compact_backward_blocks(device):
 def test_plan_compact_forward_blocks(device):
     """Compact forward blocks (partial row statistics only) where the fused statistics GEMM
     serves the forward: not with metrics, soft-capping or fp32 inputs. Without gradients the
-    forward's workspace then shrinks from a 512 MiB fp32 block to a few MiB of statistics."""
+    forward's workspace then shrinks from a 512 MiB fp32 block to 1/32 of its bytes a row."""
     shape = (8192, 256000, 2304)
     no_grad = dict(needs_grad_x=False, needs_grad_weight=False)
     plain = flce.plan(*shape, torch.bfloat16, device, **no_grad)
@@ -164,9 +164,9 @@ def test_plan_compact_forward_blocks(device):
     assert plain["compact_forward_blocks"] == expected
     for other in (metrics, capped, fp32):
         assert other["compact_forward_blocks"] is False
-        assert other["forward_workspace_bytes"] > 256 << 20
-    if expected:
-        assert plain["forward_workspace_bytes"] < 128 << 20
+        assert other["forward_workspace_bytes"] > 384 << 20
+    if expected:  # 4096 rows of partial statistics (125 MiB) and the GEMM scratch
+        assert plain["forward_workspace_bytes"] < 192 << 20
         lean = flce.plan(*shape, torch.bfloat16, device, memory_budget=60 << 20, return_metrics=True)
         assert lean["compact_backward_blocks"] and not lean["compact_forward_blocks"]
 
