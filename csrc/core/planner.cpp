@@ -39,7 +39,9 @@ size_t plan_bytes(const Problem& p, const Plan& plan, const BackendTraits& t) {
 }
 
 // Rows of a forward logits block [rows, V], a multiple of 64, such that the fp32 block, the GEMM
-// scratch and the per-token vectors (loss, LSE, metrics) take at most kTargetExtraBytes.
+// scratch and the per-token vectors (loss, LSE, metrics) take at most kTargetExtraBytes. (Evening
+// the rows out over the chunks N needs was measured and dropped: at llama3-4k, 5 x 832 rows ran
+// grad-in-forward in 22.6 ms against 21.5 ms for 4 x 960 + 256, on an H100.)
 int64_t target_block_rows(const Problem& p, const BackendTraits& t) {
   const size_t vectors = static_cast<size_t>(std::max<int64_t>(p.num_tokens, 1)) *
                          (2 + detail::kNumRowMetrics) * sizeof(float);
