@@ -596,23 +596,20 @@ Status run_backward(Device device, const BackwardParams& p) {
   // dz_vocab. Every block is alike in alignment, so the first one decides whether compact blocks
   // can be fused; if not, the unfused path runs on half-width vocabulary chunks.
   const bool gathered = !token_outer(plan) && bt < n;
-  bool compact = plan.compact_backward_blocks;
+  void* const dz_base = gathered ? at(ws, l.dz_vocab) : static_cast<void*>(logits);
   int64_t bv = plan.backward_vocab_chunk;
-  if (compact && plan.fused_logits == FusedLogits::kOff) {
-    compact = false;
-    bv = fallback_vocab_chunk(plan);
+  bool compact = false;
+  if (plan.compact_backward_blocks) {
+    const int64_t rows = std::min(bt, n), cols = std::min(bv, v);
+    compact = plan.fused_logits != FusedLogits::kOff &&
+              be->fused_grad(logits_operands(p, p.x, rows, 0, cols),
+                             row_grad_args(p, scalars, logits, rows, cols, 0, 0, dz_base,
+                                           compact_ld(cols), dz_type));
+    if (!compact) bv = fallback_vocab_chunk(plan);
   }
   const auto block_ldz = [&](int64_t cols) {
     return gathered || compact ? compact_ld(cols) : in_place_ld(cols, dz_type);
   };
-  void* const dz_base = gathered ? at(ws, l.dz_vocab) : static_cast<void*>(logits);
-  if (compact) {
-    const int64_t rows = std::min(bt, n), cols = std::min(bv, v);
-    compact = be->fused_grad(
-        logits_operands(p, p.x, rows, 0, cols),
-        row_grad_args(p, scalars, logits, rows, cols, 0, 0, dz_base, block_ldz(cols), dz_type));
-    if (!compact) bv = fallback_vocab_chunk(plan);
-  }
 
   if (token_outer(plan)) {
     for (int64_t t0 = 0; t0 < n; t0 += bt) {
@@ -669,7 +666,6 @@ Status run_backward(Device device, const BackwardParams& p) {
   for (int64_t v0 = 0; v0 < v; v0 += bv) {
     const int64_t cols = std::min(bv, v - v0);
     const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
-    void* dz_all = dz_base;
     const int64_t ldz = block_ldz(cols);
     for (int64_t t0 = 0; t0 < n; t0 += bt) {
       const int64_t rows = std::min(bt, n - t0);
@@ -678,23 +674,23 @@ Status run_backward(Device device, const BackwardParams& p) {
       FLCE_RETURN_IF_ERROR(
           grad_block(*be, plan, compact, logits_operands(p, x_block, rows, v0, cols),
                      row_grad_args(p, scalars, logits, rows, cols, t0, v0,
-                                   offset_ptr(dz_all, t0 * ldz, dz_type), ldz, dz_type),
+                                   offset_ptr(dz_base, t0 * ldz, dz_type), ldz, dz_type),
                      logits));
     }
 
     if (p.grad_weight) {  // dW[v0:v0+cols] = dZ^T x, written once
-      FLCE_RETURN_IF_ERROR(be->gemm(
-          make_gemm(cols, d, n, {dz_all, ldz, dz_type, true}, {p.x, p.x_row_stride, p.dtype, false},
-                    offset_ptr(p.grad_weight, v0 * d, p.dtype), d, p.dtype, false)));
+      FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(
+          cols, d, n, {dz_base, ldz, dz_type, true}, {p.x, p.x_row_stride, p.dtype, false},
+          offset_ptr(p.grad_weight, v0 * d, p.dtype), d, p.dtype, false)));
     }
     if (p.grad_x) {  // dx (+)= dZ W[v0:v0+cols]
       FLCE_RETURN_IF_ERROR(
-          be->gemm(make_gemm(n, d, cols, {dz_all, ldz, dz_type, false},
+          be->gemm(make_gemm(n, d, cols, {dz_base, ldz, dz_type, false},
                              {w_chunk, d, p.dtype, false}, dx_target, d, dx_type, v0 > 0)));
     }
     if (p.grad_bias) {
       ColumnSumArgs cs;
-      cs.block = dz_all;
+      cs.block = dz_base;
       cs.ld = ldz;
       cs.type = dz_type;
       cs.rows = n;

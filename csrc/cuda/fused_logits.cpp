@@ -54,9 +54,26 @@ Status unsupported(const char* what) {
 }
 
 // Options whose per-element cost the fused epilogues leave to the row kernels.
+bool plain_options(bool bias, bool softcap, bool weighted_smoothing) {
+  return !bias && !softcap && !weighted_smoothing;
+}
 bool plain_options(const LossOptions& o, const void* bias, const float* class_weight) {
-  return bias == nullptr && !(o.softcap > 0.0f) &&
-         !(class_weight != nullptr && o.label_smoothing > 0.0f);
+  return plain_options(bias != nullptr, o.softcap > 0.0f,
+                       class_weight != nullptr && o.label_smoothing > 0.0f);
+}
+
+// What the kernels need whatever the operands' addresses: a build with them, this device, 16-bit
+// inputs and a hidden size TMA can stride (8 elements) within the kernel's 32-bit problem shape.
+bool fused_dtype_and_device(DType dtype, int64_t hidden) {
+#if FLCE_WITH_CUTLASS
+  return (dtype == DType::kBFloat16 || dtype == DType::kFloat16) && hidden > 0 && hidden % 8 == 0 &&
+         hidden <= INT_MAX && current_device().sm90;
+#else
+  (void)dtype;
+  (void)hidden;
+  (void)current_device;
+  return false;
+#endif
 }
 
 }  // namespace
@@ -64,20 +81,10 @@ bool plain_options(const LossOptions& o, const void* bias, const float* class_we
 int current_device_sms() { return current_device().sms; }
 
 bool fused_logits_supported(const LogitsOperands& op) {
-#if FLCE_WITH_CUTLASS
-  // TMA wants 16-byte aligned operands and row pitches (8 16-bit elements); the kernel's problem
-  // shape is 32-bit.
-  return (op.dtype == DType::kBFloat16 || op.dtype == DType::kFloat16) && op.rows > 0 &&
-         op.cols > 0 && op.hidden > 0 && op.rows <= INT_MAX && op.cols <= INT_MAX &&
-         op.hidden <= INT_MAX && op.hidden % 8 == 0 && op.ldx % 8 == 0 && op.ldw % 8 == 0 &&
-         op.ldx >= op.hidden && op.ldw >= op.hidden && aligned16(op.x) && aligned16(op.weight) &&
-         current_device().sm90;
-#else
-  (void)op;
-  (void)aligned16;
-  (void)current_device;
-  return false;
-#endif
+  // TMA also wants 16-byte aligned operands and row pitches.
+  return fused_dtype_and_device(op.dtype, op.hidden) && op.rows > 0 && op.cols > 0 &&
+         op.rows <= INT_MAX && op.cols <= INT_MAX && op.ldx % 8 == 0 && op.ldw % 8 == 0 &&
+         op.ldx >= op.hidden && op.ldw >= op.hidden && aligned16(op.x) && aligned16(op.weight);
 }
 
 bool fused_stats_supported(const LogitsOperands& op, const RowForwardArgs& a) {
@@ -91,14 +98,8 @@ bool fused_grad_supported(const LogitsOperands& op, const RowGradArgs& a) {
 }
 
 bool fused_logits_expected(const Problem& p) {
-#if FLCE_WITH_CUTLASS
-  return (p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16) && p.hidden_size % 8 == 0 &&
-         p.hidden_size <= INT_MAX && !p.has_bias && !p.has_softcap && !p.has_weighted_smoothing &&
-         current_device().sm90;
-#else
-  (void)p;
-  return false;
-#endif
+  return plain_options(p.has_bias, p.has_softcap, p.has_weighted_smoothing) &&
+         fused_dtype_and_device(p.dtype, p.hidden_size);
 }
 
 // The dZ epilogue runs while the tensor cores wait (the kernel has no stream-K and does not

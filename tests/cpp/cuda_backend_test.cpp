@@ -1065,6 +1065,24 @@ TEST(CudaEdge, BeyondInt32Elements) {
   }
 }
 
+// fp32 logits [op.rows, op.cols] = x W^T of `op` (ld = op.cols): the unfused path's GEMM.
+detail::GemmArgs logits_gemm_args(const detail::LogitsOperands& op, void* logits) {
+  detail::GemmArgs g;
+  g.m = op.rows;
+  g.n = op.cols;
+  g.k = op.hidden;
+  g.a = op.x;
+  g.lda = op.ldx;
+  g.a_type = op.dtype;
+  g.b = op.weight;
+  g.ldb = op.ldw;
+  g.b_type = op.dtype;
+  g.trans_b = true;
+  g.c = logits;
+  g.ldc = op.cols;
+  return g;
+}
+
 // The fused logits GEMMs against the GEMM + row kernel path, primitive by primitive, on a bf16
 // block of several partial CTA tiles: every dZ element and every partial statistic is written
 // (the outputs start as NaN), and both paths agree. Runs where the fused GEMMs can (CUTLASS built
@@ -1170,20 +1188,10 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
     rf.row_loss = static_cast<float*>(row_loss.raw());
     rf.lse = static_cast<float*>(lse_out.raw());
     rf.carry = static_cast<detail::RowCarry*>(carry.raw());
-    detail::GemmArgs g;
-    g.m = rows;
-    g.n = v0;
-    g.k = c.d;
-    g.a = op.x;
-    g.lda = op.ldx;
-    g.a_type = c.dtype;
-    g.b = d.weight.raw();
-    g.ldb = c.d;
-    g.b_type = c.dtype;
-    g.trans_b = true;
-    g.c = logits.raw();
-    g.ldc = v0;
-    ASSERT_TRUE(be->gemm(g).ok());
+    detail::LogitsOperands head = op;  // the rows' columns [0, v0)
+    head.weight = d.weight.raw();
+    head.cols = v0;
+    ASSERT_TRUE(be->gemm(logits_gemm_args(head, logits.raw())).ok());
     rf.logits = logits.raw();
     rf.ld = v0;
     rf.cols = v0;
@@ -1207,10 +1215,7 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
             << ") not written";
       }
     } else {
-      g.n = cols;
-      g.b = op.weight;
-      g.ldc = cols;
-      ASSERT_TRUE(be->gemm(g).ok());
+      ASSERT_TRUE(be->gemm(logits_gemm_args(op, logits.raw())).ok());
       rf.ld = cols;
     }
     ASSERT_TRUE(be->rows_forward(rf).ok());
@@ -1250,20 +1255,7 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
     if (fused) {
       ASSERT_TRUE(be->logits_grad(op, rg).ok());
     } else {
-      detail::GemmArgs g;
-      g.m = rows;
-      g.n = cols;
-      g.k = c.d;
-      g.a = op.x;
-      g.lda = op.ldx;
-      g.a_type = c.dtype;
-      g.b = op.weight;
-      g.ldb = c.d;
-      g.b_type = c.dtype;
-      g.trans_b = true;
-      g.c = logits.raw();
-      g.ldc = cols;
-      ASSERT_TRUE(be->gemm(g).ok());
+      ASSERT_TRUE(be->gemm(logits_gemm_args(op, logits.raw())).ok());
       rg.logits = static_cast<const float*>(logits.raw());
       rg.ld = cols;
       ASSERT_TRUE(be->rows_grad(rg).ok());
