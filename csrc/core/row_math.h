@@ -52,6 +52,21 @@ FLCE_HD float softmax_exp(float x) {
 #endif
 }
 
+// 2^x for softmax terms whose argument a fused multiply-add has already put in base 2 (see
+// ScaledSoftmaxExp): on the GPU the special-function instruction __expf ends in, without its
+// multiply.
+FLCE_HD float softmax_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
 // z = T(r): scale, then optional tanh soft-capping (Gemma 2 style).
 FLCE_HD float transform_logit(float raw, float logit_scale, float softcap) {
   const float scaled = raw * logit_scale;
@@ -188,6 +203,41 @@ FLCE_HD float raw_logit_grad(const GradCoefs& k, float z, float lse, bool is_tar
   if (is_target) dz -= k.coef_target;
   return dz * transform_derivative(z, o.logit_scale, o.softcap);
 }
+
+// The fused GEMM epilogues' form of the formulas above when there is no soft-cap, for a raw logit
+// straight from the accumulators. Every instruction there is repeated for each of a thread's 128
+// accumulators, so each formula is rearranged into the fewest: z - lse and the base change of exp
+// fold into one fused multiply-add, and the gradient becomes affine in p.
+//
+// softmax_exp(transform_logit(raw, scale, 0) - shift) = 2^(raw * scale * log2(e) - shift *
+// log2(e)).
+struct ScaledSoftmaxExp {
+  float mul = 0.0f;  // logit_scale * log2(e)
+  float sub = 0.0f;  // shift * log2(e)
+  FLCE_HD static ScaledSoftmaxExp of(float logit_scale, float shift) {
+    ScaledSoftmaxExp e;
+    e.mul = logit_scale * kLog2e;
+    e.sub = shift * kLog2e;
+    return e;
+  }
+  FLCE_HD float operator()(float raw) const { return softmax_exp2(fmaf(raw, mul, -sub)); }
+};
+
+// raw_logit_grad without soft-cap and with w_c = 1 (no class weights): transform_derivative is
+// the constant logit_scale, so dz = slope * p + offset, less target_step on the label's column.
+struct AffineLogitGrad {
+  float slope = 0.0f;
+  float offset = 0.0f;
+  float target_step = 0.0f;
+  FLCE_HD static AffineLogitGrad of(const GradCoefs& k, float logit_scale) {
+    AffineLogitGrad a;
+    a.slope = k.coef_p * logit_scale;
+    a.offset = -k.coef_weight * logit_scale;
+    a.target_step = k.coef_target * logit_scale;
+    return a;
+  }
+  FLCE_HD float operator()(float p) const { return fmaf(slope, p, offset); }
+};
 
 // Upstream gradient of loss_i: grad_loss is [1] (mean/sum) or [N] (none); null means 1.
 FLCE_HD float row_upstream(Reduction reduction, const float* grad_loss, int64_t row,

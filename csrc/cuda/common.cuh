@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "core/row_math.h"
 #include "cuda/cuda_check.h"
@@ -80,9 +81,12 @@ struct Word<__half> {
     out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
     out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
   }
+  // One paired conversion instruction (in[0] in the low half, as memory order wants).
   __device__ __forceinline__ static uint32_t pack(const float* in) {
-    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(in[0]))) |
-           (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(in[1]))) << 16);
+    const __half2 h = __floats2half2_rn(in[0], in[1]);
+    uint32_t w;
+    memcpy(&w, &h, sizeof(w));
+    return w;
   }
 };
 
@@ -94,9 +98,12 @@ struct Word<__nv_bfloat16> {
     out[0] = __uint_as_float(w << 16);
     out[1] = __uint_as_float(w & 0xffff0000u);
   }
+  // One paired conversion instruction (in[0] in the low half, as memory order wants).
   __device__ __forceinline__ static uint32_t pack(const float* in) {
-    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(in[0]))) |
-           (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(in[1]))) << 16);
+    const __nv_bfloat162 h = __floats2bfloat162_rn(in[0], in[1]);
+    uint32_t w;
+    memcpy(&w, &h, sizeof(w));
+    return w;
   }
 };
 

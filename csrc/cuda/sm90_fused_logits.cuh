@@ -129,8 +129,9 @@ struct StatsMath {
       // Every lane of the quad sums under the quad's max, so the merge adds without rescaling.
       RowState st;
       st.max = quad_max(mx);
+      const ScaledSoftmaxExp exp_shifted = ScaledSoftmaxExp::of(1.0f, st.max);  // exp(z - max)
       CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kCols; ++c) st.sum_exp += softmax_exp(z[c] - st.max);
+      for (int c = 0; c < kCols; ++c) st.sum_exp += exp_shifted(z[c]);
       if (smoothing) {  // unweighted: the sum of z over the valid columns
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < kCols; ++c) {
@@ -181,9 +182,12 @@ __device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int q) {
   }
 }
 
-// Recompute backward: dZ of the tile, written in the input dtype (T). A thread's accumulators of
-// a row come in column pairs (2j + {0, 1} of this thread's columns, 8 apart per j), four threads to
-// a quad; a quad transpose turns each group of four pairs into one 16-byte store of 8 adjacent
+// Recompute backward: dZ of the tile, written in the input dtype (T). Without soft-cap, bias or
+// class weights, a row's dZ is affine in p = exp(z - lse) (AffineLogitGrad), so an element costs a
+// fused multiply-add, an exp2 and another fused multiply-add; the label's step is applied only in
+// warps that hold some row's label (1 tile in cols / 256 per row). A thread's accumulators of a row
+// come in column pairs (2j + {0, 1} of this thread's columns, 8 apart per j), four threads to a
+// quad; a quad transpose turns each group of four pairs into one 16-byte store of 8 adjacent
 // columns per thread, instead of four 4-byte stores (the host checks that ldz is a multiple of 8
 // and dz 16-byte aligned).
 template <class T>
@@ -193,13 +197,9 @@ struct GradMath {
 
   template <class Acc, class Crd>
   __device__ static void apply(const Args& a, const Acc& acc, const Crd& crd, int rows, int cols,
-                               int n_tile) {
+                               int) {
     using namespace cute;
-    // No soft-cap (nor bias or class weights): the same formulas with those as constants, which
-    // the compiler folds away.
-    LossOptions o = a.options;
-    o.softcap = 0.0f;
-    const bool full = full_tile(n_tile, cols);
+    const float scale = a.options.logit_scale;
     const int q = threadIdx.x % 4;
     constexpr int kCols = decltype(size<1>(acc))::value;
     static_assert(kCols % 8 == 0, "columns come in groups of four pairs");
@@ -211,31 +211,36 @@ struct GradMath {
       const bool row_ok = m < rows;
       RowGrad rg;  // zero coefficients for a row past the end
       if (row_ok) rg = row_grad_of(a, a.row_offset + m);
+      // A row with zero coefficients (ignored, or past the end) takes p = 2^0 and a zero slope and
+      // offset: zeros, with no test per element.
+      const ScaledSoftmaxExp prob =
+          rg.zero ? ScaledSoftmaxExp{} : ScaledSoftmaxExp::of(scale, rg.lse);
+      const AffineLogitGrad grad = AffineLogitGrad::of(rg.k, scale);
+      float g[kCols];
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; ++c) g[c] = grad(prob(acc(r, c)));
+      // The label's column, in the launch's columns (-1 when the row has none); a thread's
+      // columns lie between its first and its last.
+      const int label = rg.label >= 0 ? static_cast<int>(rg.label - a.col_offset) : -1;
+      const bool label_near = label >= get<1>(crd(r, 0)) && label <= get<1>(crd(r, kCols - 1));
+      if (__any_sync(kFullMask, label_near)) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          if (get<1>(crd(r, c)) == label) g[c] -= grad.target_step;
+        }
+      }
       T* out = static_cast<T*>(a.dz) + static_cast<int64_t>(row_ok ? m : 0) * a.ldz;
-      const int64_t label = rg.label - a.col_offset;  // in the launch's columns
       CUTLASS_PRAGMA_UNROLL
       for (int c0 = 0; c0 < kCols; c0 += 8) {
         uint32_t w[4];
         CUTLASS_PRAGMA_UNROLL
-        for (int s = 0; s < 4; ++s) {
-          const int c = c0 + 2 * s;
-          const int n = get<1>(crd(r, c));  // column n + 1 holds c + 1
-          float g[2] = {0.0f, 0.0f};
-          if (!rg.zero) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int i = 0; i < 2; ++i) {
-              const float z = transform_logit(acc(r, c + i), o.logit_scale, 0.0f);
-              g[i] = raw_logit_grad(rg.k, z, rg.lse, n + i == label, 1.0f, o);
-            }
-          }
-          w[s] = Word<T>::pack(g);
-        }
+        for (int s = 0; s < 4; ++s) w[s] = Word<T>::pack(&g[c0 + 2 * s]);  // columns n, n + 1
         quad_transpose(w, q);
         // This group spans 32 columns from (its first column rounded down to 8); thread q now
         // holds the 8 columns from 8 q on, in w[0..3].
         const int n0 = (get<1>(crd(r, c0)) & ~7) + 8 * q;
         if (!row_ok) continue;
-        if (full || n0 + 8 <= cols) {
+        if (n0 + 8 <= cols) {
           *reinterpret_cast<uint4*>(out + n0) = make_uint4(w[0], w[1], w[2], w[3]);
         } else {
           CUTLASS_PRAGMA_UNROLL
