@@ -91,6 +91,12 @@ struct RowForwardArgs {
   RowState* partials = nullptr;
   int64_t partials_ld = 0;
   float* target_z = nullptr;
+  // With partials, for a forward that also computes gradients (grad-in-forward with compact
+  // blocks): logits_stats also stores e = exp(z - m) of every element in fp16, m being the max of
+  // its row over its tile (that tile's partial), at tile_exp[r * tile_exp_ld + c]. RowGradArgs'
+  // tile_exp turns it into dZ once the row's LSE is known: 2 bytes per logit instead of 4.
+  void* tile_exp = nullptr;
+  int64_t tile_exp_ld = 0;
 };
 
 // Element-wise gradient of a [rows, cols] block of raw logits whose LSE is already known
@@ -114,6 +120,13 @@ struct RowGradArgs {
   void* dz = nullptr;                // may alias logits (same rule as above)
   int64_t ldz = 0;
   DType dz_type = DType::kFloat32;
+  // Instead of logits: the fp16 e = exp(z - m) a fused statistics GEMM stored (RowForwardArgs::
+  // tile_exp), with its partials (m = partials[r * partials_ld + c / kPartialStatsCols].max), so
+  // p = e exp(m - lse). dz may alias tile_exp. Only without bias, soft-cap or class weights.
+  const void* tile_exp = nullptr;
+  int64_t tile_exp_ld = 0;
+  const RowState* partials = nullptr;
+  int64_t partials_ld = 0;
 };
 
 // acc[c] (+)= sum_r block[r, c] (the bias gradient).

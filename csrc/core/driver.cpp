@@ -273,6 +273,32 @@ RowGradArgs row_grad_args(const BackwardParams& p, const float* scalars, const f
   return rg;
 }
 
+// The dZ arguments of a grad-in-forward compact block whose fused statistics GEMM filled `rf`
+// (partials and the fp16 terms tile_exp): same rows, labels and options, the LSE just finished.
+RowGradArgs grad_from_exp_args(const RowForwardArgs& rf, void* dz, int64_t ldz, DType dz_type) {
+  RowGradArgs rg;
+  rg.rows = rf.rows;
+  rg.cols = rf.cols;
+  rg.row_offset = rf.row_offset;
+  rg.vocab_size = rf.vocab_size;
+  rg.labels = rf.labels;
+  rg.label_type = rf.label_type;
+  rg.class_weight = rf.class_weight;
+  rg.options = rf.options;
+  rg.scalars = rf.scalars;
+  rg.lse = rf.lse;
+  rg.grad_loss = rf.grad_loss;
+  rg.grad_lse = rf.grad_lse;
+  rg.dz = dz;
+  rg.ldz = ldz;
+  rg.dz_type = dz_type;
+  rg.tile_exp = rf.tile_exp;
+  rg.tile_exp_ld = rf.tile_exp_ld;
+  rg.partials = rf.partials;
+  rg.partials_ld = rf.partials_ld;
+  return rg;
+}
+
 // The operands of the logits block x[t0:t0+rows] W[v0:v0+cols]^T (x_block already at row t0).
 template <typename P>
 LogitsOperands logits_operands(const P& p, const void* x_block, int64_t rows, int64_t v0,
@@ -309,6 +335,19 @@ bool fused_stats_fit(const Plan& plan, const Backend& be, const LogitsOperands& 
   const size_t bytes =
       static_cast<size_t>(op.rows) * (partials_per_row(op.cols) * sizeof(RowState) + sizeof(float));
   return bytes <= block_bytes && be.fused_stats(op, rf);
+}
+
+// A grad-in-forward compact block of `rows` whole rows (block = the forward's logits region):
+// the fp16 terms at pitch compact_ld(V), then the partial RowStates, then the labels' logits.
+// compact_gif_block_bytes (workspace.h) is its size.
+void carve_gif_block(void* block, int64_t rows, RowForwardArgs* rf) {
+  const int64_t ld = compact_ld(rf->vocab_size);
+  rf->cols = rf->vocab_size;
+  rf->tile_exp = block;
+  rf->tile_exp_ld = ld;
+  rf->partials_ld = partials_per_row(rf->vocab_size);
+  rf->partials = reinterpret_cast<RowState*>(static_cast<char*>(block) + rows * ld * kExpBytes);
+  rf->target_z = reinterpret_cast<float*>(rf->partials + rows * rf->partials_ld);
 }
 
 // Statistics (no gradient) of the block [rows, cols] at (t0, v0) into `rf` (whose block and carry
@@ -425,6 +464,21 @@ Status run_forward(Device device, const ForwardParams& p) {
       chunk = std::clamp<int64_t>(floats / block_cols, 1, chunk);
     }
   }
+  // Grad-in-forward compact blocks: the fused GEMM stores the fp16 terms exp(z - tile max) and
+  // the partials, then the row kernels finish the LSE and turn the terms into dZ. If the fused
+  // GEMM refuses the first block, fp32 blocks of as many whole rows as fit the same bytes run (the
+  // layout holds at least one).
+  bool gif_compact = compact_gif(prob, plan);
+  if (gif_compact) {
+    const int64_t rows = std::min(chunk, n);
+    RowForwardArgs rf = row_forward_args(p, rows, 0, scalars, row_loss, lse, row_metrics);
+    carve_gif_block(logits, rows, &rf);
+    gif_compact = plan.fused_logits != FusedLogits::kOff &&
+                  be->fused_stats(logits_operands(p, p.x, rows, 0, v), rf);
+    if (!gif_compact) {
+      chunk = std::max<int64_t>(1, static_cast<int64_t>(block_bytes / (sizeof(float) * v)));
+    }
+  }
   RowCarry* carry = block_cols < v ? reinterpret_cast<RowCarry*>(at(ws, l.row_carry)) : nullptr;
   const bool in_place = dz_in_place(plan);
 
@@ -462,32 +516,35 @@ Status run_forward(Device device, const ForwardParams& p) {
       continue;
     }
 
-    // logits[rows, V] = x_chunk W^T
-    FLCE_RETURN_IF_ERROR(
-        be->gemm(make_gemm(rows, v, d, {x_chunk, p.x_row_stride, p.dtype, false},
-                           {p.weight, d, p.dtype, true}, logits, v, DType::kFloat32, false)));
-
     const int64_t group_start = in_place ? t0 : 0;
     void* dz = nullptr;
     int64_t ldz = 0;
-    if (grads) {
-      if (in_place) {
-        dz = logits;
-        ldz = in_place_ld(v, dz_type);
-      } else {
-        ldz = v;
-        dz = offset_ptr(at(ws, l.dz_group), (t0 - group_start) * ldz, dz_type);
-      }
+    if (in_place) {
+      dz = logits;
+      ldz = gif_compact ? compact_ld(v) : in_place_ld(v, dz_type);
+    } else {
+      ldz = v;
+      dz = offset_ptr(at(ws, l.dz_group), (t0 - group_start) * ldz, dz_type);
     }
 
     RowForwardArgs rf = row_forward_args(p, rows, t0, scalars, row_loss, lse, row_metrics);
-    rf.logits = logits;
-    rf.ld = v;
-    rf.dz = dz;
-    rf.ldz = ldz;
-    rf.dz_type = dz_type;
-    FLCE_RETURN_IF_ERROR(be->rows_forward(rf));
-    if (!grads) continue;
+    if (gif_compact) {
+      carve_gif_block(logits, rows, &rf);
+      FLCE_RETURN_IF_ERROR(be->logits_stats(logits_operands(p, x_chunk, rows, 0, v), rf));
+      FLCE_RETURN_IF_ERROR(be->rows_forward(rf));
+      FLCE_RETURN_IF_ERROR(be->rows_grad(grad_from_exp_args(rf, dz, ldz, dz_type)));
+    } else {
+      // logits[rows, V] = x_chunk W^T, then the loss and dZ by the row kernel
+      FLCE_RETURN_IF_ERROR(
+          be->gemm(make_gemm(rows, v, d, {x_chunk, p.x_row_stride, p.dtype, false},
+                             {p.weight, d, p.dtype, true}, logits, v, DType::kFloat32, false)));
+      rf.logits = logits;
+      rf.ld = v;
+      rf.dz = dz;
+      rf.ldz = ldz;
+      rf.dz_type = dz_type;
+      FLCE_RETURN_IF_ERROR(be->rows_forward(rf));
+    }
 
     if (p.grad_x) {  // dx[chunk] = dZ W
       FLCE_RETURN_IF_ERROR(

@@ -38,17 +38,21 @@ size_t plan_bytes(const Problem& p, const Plan& plan, const BackendTraits& t) {
   return std::max(forward_bytes(p, plan, t), backward_bytes(p, plan, t));
 }
 
-// Rows of a forward logits block [rows, V], a multiple of 64, such that the fp32 block, the GEMM
-// scratch and the per-token vectors (loss, LSE, metrics) take at most kTargetExtraBytes. (Evening
-// the rows out over the chunks N needs was measured and dropped: at llama3-4k, 5 x 832 rows ran
-// grad-in-forward in 22.6 ms against 21.5 ms for 4 x 960 + 256, on an H100.)
-int64_t target_block_rows(const Problem& p, const BackendTraits& t) {
+// Rows of a grad-in-forward block of whole rows (`plan` says whether it is compact), a multiple
+// of 64, such that the block, the GEMM scratch and the per-token vectors (loss, LSE, metrics) take
+// at most kTargetExtraBytes. (Evening the rows out over the chunks N needs was measured and
+// dropped: at llama3-4k, 5 x 832 rows ran grad-in-forward in 22.6 ms against 21.5 ms for
+// 4 x 960 + 256, on an H100.)
+int64_t target_block_rows(const Problem& p, const BackendTraits& t, Plan plan) {
   const size_t vectors = static_cast<size_t>(std::max<int64_t>(p.num_tokens, 1)) *
                          (2 + detail::kNumRowMetrics) * sizeof(float);
   const size_t fixed = t.gemm_scratch_bytes + vectors + (size_t(64) << 10);
   const size_t room = kTargetExtraBytes > fixed ? kTargetExtraBytes - fixed : 0;
-  const int64_t rows = static_cast<int64_t>(room / (sizeof(float) * p.vocab_size));
-  return std::clamp<int64_t>(rows / 64 * 64, 256, kMaxTokenChunk);
+  plan.forward_token_chunk = 64;
+  plan.forward_vocab_chunk = 0;
+  const size_t per_64_rows = detail::forward_block_bytes(p, plan);
+  const int64_t rows = static_cast<int64_t>(room / per_64_rows) * 64;
+  return std::clamp<int64_t>(rows, 256, kMaxTokenChunk);
 }
 
 // Candidate sizes from `hi` down to `lo`, halving, each clamped to `limit`.
@@ -71,15 +75,29 @@ std::string gib(size_t bytes) {
   return text;
 }
 
+// Whether a plan's blocks may be compact: where the backend expects its fused GEMMs to serve them
+// (the forward's statistics need no metrics; dZ must be 16-bit).
+bool fused_expected(const Problem& p, const BackendTraits& t) {
+  return t.fused_logits_expected != nullptr && t.fused_logits_expected(p);
+}
+bool compact_forward_blocks(const Problem& p, const BackendTraits& t) {
+  return !p.needs_metrics && fused_expected(p, t);
+}
+bool compact_backward_blocks(const Problem& p, const BackendTraits& t) {
+  const bool any_grad = p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias;
+  return any_grad && dtype_size(t.dz_type(p.dtype)) < 4 && fused_expected(p, t);
+}
+
 // Grad-in-forward plans in order of preference.
 std::vector<Plan> grad_in_forward_candidates(const Problem& p, const BackendTraits& t) {
   const int64_t n = std::max<int64_t>(p.num_tokens, 1);
   std::vector<Plan> out;
   Plan plan;
   plan.strategy = Strategy::kGradInForward;
+  plan.compact_forward_blocks = compact_forward_blocks(p, t);
   // First choice: keep dZ of all tokens so dW is one GEMM written straight to the output (no
   // fp32 accumulator and no per-chunk read-modify-write of V x D).
-  for (int64_t c : descending(target_block_rows(p, t), std::min<int64_t>(n, 256), n)) {
+  for (int64_t c : descending(target_block_rows(p, t, plan), std::min<int64_t>(n, 256), n)) {
     plan.forward_token_chunk = c;
     plan.dw_group_tokens = n;
     out.push_back(plan);
@@ -146,7 +164,7 @@ void for_each_recompute_forward(const Problem& p, const BackendTraits& t, Plan p
   const int64_t n = std::max<int64_t>(p.num_tokens, 1), v = p.vocab_size;
   plan.forward_vocab_chunk = 0;
   // Compact blocks (partial statistics, V / 32 bytes a row) take the most rows a GEMM gains from.
-  const int64_t most_rows = plan.compact_forward_blocks ? kMaxTokenChunk : target_block_rows(p, t);
+  const int64_t most_rows = plan.compact_forward_blocks ? kMaxTokenChunk : target_block_rows(p, t, plan);
   for (int64_t c : descending(most_rows, std::min(n, kMinWholeRowChunk), n)) {
     plan.forward_token_chunk = c;
     f(plan);
@@ -286,19 +304,6 @@ bool pick_recompute_backward(const Problem& p, size_t budget, const BackendTrait
   return found;
 }
 
-// Whether the recompute strategy's blocks may be compact: where the backend expects its fused
-// GEMMs to serve them (the forward's statistics need no metrics; dZ must be 16-bit).
-bool fused_expected(const Problem& p, const BackendTraits& t) {
-  return t.fused_logits_expected != nullptr && t.fused_logits_expected(p);
-}
-bool compact_forward_blocks(const Problem& p, const BackendTraits& t) {
-  return !p.needs_metrics && fused_expected(p, t);
-}
-bool compact_backward_blocks(const Problem& p, const BackendTraits& t) {
-  const bool any_grad = p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias;
-  return any_grad && dtype_size(t.dz_type(p.dtype)) < 4 && fused_expected(p, t);
-}
-
 bool try_recompute(const Problem& p, size_t budget, const BackendTraits& t, Plan* out) {
   const bool any_grad = p.needs_grad_x || p.needs_grad_weight || p.needs_grad_bias;
   const bool compact_fwd = compact_forward_blocks(p, t);
@@ -407,7 +412,6 @@ Status make_plan(const Problem& p, Device device, size_t budget, Strategy forced
     plan->backward_vocab_chunk = 0;
     plan->compact_backward_blocks = false;
   }
-  if (plan->strategy == Strategy::kGradInForward) plan->compact_forward_blocks = false;
   plan->forward_workspace_bytes = forward_bytes(p, *plan, t);
   plan->backward_workspace_bytes = backward_bytes(p, *plan, t);
   plan->min_budget_bytes = min_budget;

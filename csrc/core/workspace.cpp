@@ -29,9 +29,15 @@ size_t f32(int64_t count) { return static_cast<size_t>(count) * sizeof(float); }
 
 size_t forward_block_bytes(const Problem& p, const Plan& plan) {
   const int64_t rows = plan.forward_token_chunk, cols = forward_cols(p, plan);
-  if (!compact_forward(p, plan)) return f32(rows * cols);
   const int64_t partials = (cols + kPartialStatsCols - 1) / kPartialStatsCols;
-  return static_cast<size_t>(rows) * (partials * sizeof(RowState) + sizeof(float));
+  const size_t stats_row = partials * sizeof(RowState) + sizeof(float);
+  if (compact_gif(p, plan)) {
+    // At least one fp32 row, so that the fallback (whole fp32 rows) always fits.
+    const size_t compact = static_cast<size_t>(rows) * (compact_ld(cols) * kExpBytes + stats_row);
+    return std::max(compact, f32(cols));
+  }
+  if (!compact_forward(p, plan)) return f32(rows * cols);
+  return static_cast<size_t>(rows) * stats_row;
 }
 
 ForwardLayout forward_layout(const Problem& p, const Plan& plan, const BackendTraits& traits) {

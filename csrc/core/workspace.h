@@ -67,6 +67,11 @@ inline bool grads_in_forward(const Problem& p, const Plan& plan) {
 inline bool compact_forward(const Problem& p, const Plan& plan) {
   return plan.compact_forward_blocks && !grads_in_forward(p, plan);
 }
+// Grad-in-forward with compact blocks: whole rows of fp16 terms exp(z - tile max) (dZ overwrites
+// them in place, or goes to the dZ store) and their partial statistics.
+inline bool compact_gif(const Problem& p, const Plan& plan) {
+  return plan.compact_forward_blocks && grads_in_forward(p, plan);
+}
 // Bytes of the forward's logits block: fp32 logits, or with compact blocks one partial RowState
 // per row and kPartialStatsCols columns plus the label's logit per row.
 size_t forward_block_bytes(const Problem& p, const Plan& plan);
@@ -82,6 +87,8 @@ inline bool needs_dw_accumulator(const Problem& p, const Plan& plan) {
 // Compact backward blocks (Plan::compact_backward_blocks) store dZ rows at a pitch of a multiple
 // of 8 elements: the fused GEMM stores 16 bytes at a time.
 inline int64_t compact_ld(int64_t cols) { return (cols + 7) / 8 * 8; }
+// Bytes of one fp16 term exp(z - tile max) of a grad-in-forward compact block.
+constexpr size_t kExpBytes = 2;
 // The vocabulary chunk the backward runs with when compact blocks cannot be fused: half as wide,
 // so that its fp32 block fits the compact block's bytes.
 inline int64_t fallback_vocab_chunk(const Plan& plan) {

@@ -216,6 +216,10 @@ Status rows_forward(const RowForwardArgs& a) {
 
 Status rows_grad(const RowGradArgs& a) {
   if (a.rows <= 0 || a.cols <= 0) return Status::Ok();
+  if (a.tile_exp != nullptr) {  // only a fused statistics GEMM writes them, and the CPU has none
+    return Status::Error(StatusCode::kInvalidArgument,
+                         "rows_grad: tile_exp is not served by the CPU backend");
+  }
   const int64_t cols = a.cols;
   const int threads = max_threads();
   RowBuffers buf;

@@ -88,7 +88,8 @@ bool fused_logits_supported(const LogitsOperands& op) {
 }
 
 bool fused_stats_supported(const LogitsOperands& op, const RowForwardArgs& a) {
-  return a.row_metrics == nullptr && a.dz == nullptr &&
+  const bool exp_ok = a.tile_exp == nullptr || (a.tile_exp_ld % 8 == 0 && aligned16(a.tile_exp));
+  return a.row_metrics == nullptr && a.dz == nullptr && exp_ok &&
          plain_options(a.options, a.bias, a.class_weight) && fused_logits_supported(op);
 }
 
@@ -129,7 +130,14 @@ Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& a, cu
   if (!a.labels || (a.col_offset < 0 || a.col_offset + a.cols > a.vocab_size)) {
     return invalid("logits_stats: labels must be given and the columns lie within vocab_size");
   }
+  if (a.tile_exp != nullptr && a.tile_exp_ld < a.cols) {
+    return invalid("logits_stats: tile_exp_ld must be >= cols");
+  }
 #if FLCE_WITH_CUTLASS
+  if (a.tile_exp != nullptr) {
+    return op.dtype == DType::kBFloat16 ? sm90::logits_stats_exp_bf16(op, a, stream)
+                                        : sm90::logits_stats_exp_fp16(op, a, stream);
+  }
   return op.dtype == DType::kBFloat16 ? sm90::logits_stats_bf16(op, a, stream)
                                       : sm90::logits_stats_fp16(op, a, stream);
 #else

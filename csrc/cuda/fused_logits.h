@@ -40,9 +40,11 @@ Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& args,
 Status launch_logits_grad(const LogitsOperands& op, const RowGradArgs& args, cudaStream_t stream);
 
 namespace sm90 {
-// In sm90_fused_logits_{stats,grad}.cu.
+// In sm90_fused_logits_{stats,stats_exp,grad}.cu.
 Status logits_stats_bf16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s);
 Status logits_stats_fp16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s);
+Status logits_stats_exp_bf16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s);
+Status logits_stats_exp_fp16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s);
 Status logits_grad_bf16(const LogitsOperands& op, const RowGradArgs& args, cudaStream_t s);
 Status logits_grad_fp16(const LogitsOperands& op, const RowGradArgs& args, cudaStream_t s);
 }  // namespace sm90

@@ -348,7 +348,82 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSm)
                                   o, rg);
 }
 
+// dZ of a grad-in-forward block from the fp16 terms e = exp(z - m) its fused statistics GEMM
+// stored (m: the row's max over each kPartialStatsCols-column tile, in the tile's partial), now
+// that the row's LSE is known: p = e exp(m - lse), and dZ is affine in p (AffineLogitGrad: no bias,
+// soft-cap or class weights here). 2 bytes read and 2 written per logit, in place when dz aliases
+// tile_exp (each thread reads its 8 columns before writing them). kVec: 8 columns per access, or 1
+// when a pointer or pitch is not 16-byte aligned.
+constexpr int kExpGradThreads = 256;
+constexpr int kExpGradCols = 8;
+static_assert(kPartialStatsCols % kExpGradCols == 0, "a group of columns lies in one tile");
+
+template <typename DzT, int kVec>
+__global__ void __launch_bounds__(kExpGradThreads) rows_grad_from_exp_kernel(RowGradArgs a) {
+  __shared__ RowGrad row_grad;
+  const int64_t r = blockIdx.x;
+  if (threadIdx.x == 0) row_grad = row_grad_of(a, a.row_offset + r);
+  __syncthreads();
+  const RowGrad rg = row_grad;
+  const AffineLogitGrad grad = AffineLogitGrad::of(rg.k, a.options.logit_scale);
+  const __half* e = static_cast<const __half*>(a.tile_exp) + r * a.tile_exp_ld;
+  DzT* dz = static_cast<DzT*>(a.dz) + r * a.ldz;
+  const RowState* partials = a.partials + r * a.partials_ld;
+  const int64_t label = rg.label - a.col_offset;
+  for (int64_t c0 = static_cast<int64_t>(threadIdx.x) * kExpGradCols; c0 < a.cols;
+       c0 += static_cast<int64_t>(blockDim.x) * kExpGradCols) {
+    // exp(m - lse) of the group's tile; 0 for a row with zero coefficients (no read of its terms
+    // matters then).
+    const float tile_scale =
+        rg.zero ? 0.0f : softmax_exp(partials[c0 / kPartialStatsCols].max - rg.lse);
+    const int n = a.cols - c0 < kExpGradCols ? static_cast<int>(a.cols - c0) : kExpGradCols;
+    float v[kExpGradCols];
+    if (kVec == kExpGradCols && n == kExpGradCols) {
+      load_vec<__half, kExpGradCols>(e + c0, v);
+    } else {
+      for (int i = 0; i < n; ++i) v[i] = __half2float(e[c0 + i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kExpGradCols; ++i) {
+      v[i] = grad(v[i] * tile_scale);
+      if (c0 + i == label) v[i] -= grad.target_step;
+    }
+    if (kVec == kExpGradCols && n == kExpGradCols) {
+      store_vec<DzT, kExpGradCols>(dz + c0, v);
+    } else {
+      for (int i = 0; i < n; ++i) dz[c0 + i] = from_float<DzT>(v[i]);
+    }
+  }
+}
+
 Status invalid(const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); }
+
+// rows_grad from a fused statistics GEMM's fp16 terms (RowGradArgs::tile_exp).
+Status launch_rows_grad_from_exp(const RowGradArgs& a, cudaStream_t stream) {
+  if (!a.partials || a.partials_ld < (a.cols + kPartialStatsCols - 1) / kPartialStatsCols ||
+      a.tile_exp_ld < a.cols) {
+    return invalid(
+        "rows_grad: tile_exp needs partials with partials_ld >= the block's tiles and "
+        "tile_exp_ld >= cols");
+  }
+  if (a.bias || a.class_weight || a.options.softcap > 0.0f) {
+    return invalid("rows_grad: tile_exp serves no bias, class weights or soft-cap");
+  }
+  if (a.dz_type == DType::kFloat32) return invalid("rows_grad: tile_exp needs a 16-bit dz_type");
+  return dispatch_dtype(a.dz_type, [&](auto dz_tag) {
+    using DzT = typename decltype(dz_tag)::type;
+    const bool vec = is_aligned(a.tile_exp, 16) && a.tile_exp_ld % kExpGradCols == 0 &&
+                     is_aligned(a.dz, 16) && a.ldz % kExpGradCols == 0;
+    const dim3 grid(static_cast<unsigned>(a.rows));
+    if (vec) {
+      rows_grad_from_exp_kernel<DzT, kExpGradCols><<<grid, kExpGradThreads, 0, stream>>>(a);
+    } else {
+      rows_grad_from_exp_kernel<DzT, 1><<<grid, kExpGradThreads, 0, stream>>>(a);
+    }
+    FLCE_CUDA_CHECK_LAUNCH("rows_grad_from_exp_kernel");
+    return Status::Ok();
+  });
+}
 
 }  // namespace
 
@@ -422,7 +497,7 @@ Status launch_rows_grad(const RowGradArgs& a, cudaStream_t stream) {
                    "] and cols >= 0, got rows " + std::to_string(a.rows) + ", cols " +
                    std::to_string(a.cols));
   }
-  if (a.ld < a.cols || a.ldz < a.cols) {
+  if ((a.tile_exp == nullptr && a.ld < a.cols) || a.ldz < a.cols) {
     return invalid("rows_grad: ld and ldz must be >= cols (" + std::to_string(a.cols) +
                    "), got ld " + std::to_string(a.ld) + ", ldz " + std::to_string(a.ldz));
   }
@@ -431,9 +506,10 @@ Status launch_rows_grad(const RowGradArgs& a, cudaStream_t stream) {
                    std::to_string(a.col_offset + a.cols) + ") exceed vocab_size " +
                    std::to_string(a.vocab_size));
   }
-  if (!a.logits || !a.labels || !a.scalars || !a.lse || !a.dz) {
-    return invalid("rows_grad: logits, labels, scalars, lse and dz must not be null");
+  if ((!a.logits && !a.tile_exp) || !a.labels || !a.scalars || !a.lse || !a.dz) {
+    return invalid("rows_grad: logits (or tile_exp), labels, scalars, lse and dz must not be null");
   }
+  if (a.tile_exp) return launch_rows_grad_from_exp(a, stream);
   const int threads = row_threads(a.cols);
   return dispatch_dtype(a.dz_type, [&](auto dz_tag) {
     using DzT = typename decltype(dz_tag)::type;

@@ -93,13 +93,83 @@ __device__ __forceinline__ bool full_tile(int n_tile, int cols) {
   return (static_cast<int64_t>(n_tile) + 1) * kFusedTileCols <= cols;
 }
 
+// Transposes 4 x 4 32-bit words across the four threads of a quad: afterwards thread q holds in
+// w[s] what thread s held in w[q]. Two butterfly rounds of two shuffles each (every lane of the
+// warp must call it).
+__device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int q) {
+  CUTLASS_PRAGMA_UNROLL
+  for (int bit = 1; bit <= 2; bit <<= 1) {
+    // The slot pairs (lo, lo + bit) that differ in this bit: (0, 1), (2, 3), then (0, 2), (1, 3).
+    // Each thread sends the slot on its partner's side of the bit and stores what it receives in
+    // the slot on its own side.
+    const int lo0 = 0, lo1 = bit == 1 ? 2 : 1;
+    const bool high = (q & bit) != 0;
+    uint32_t v0 = high ? w[lo0] : w[lo0 + bit];
+    uint32_t v1 = high ? w[lo1] : w[lo1 + bit];
+    v0 = __shfl_xor_sync(kFullMask, v0, bit);
+    v1 = __shfl_xor_sync(kFullMask, v1, bit);
+    if (high) {
+      w[lo0] = v0;
+      w[lo1] = v1;
+    } else {
+      w[lo0 + bit] = v0;
+      w[lo1 + bit] = v1;
+    }
+  }
+}
+
+// Stores a thread's values of row r of the tile (one per accumulator column, in accumulator
+// order) as 16-bit T into the row that starts at `out` (16-byte aligned, a pitch of a multiple of
+// 8), columns < cols only. A thread's accumulators of a row come in column pairs (2j + {0, 1} of
+// its columns, 8 apart per j), four threads to a quad; a quad transpose turns each group of four
+// pairs into one 16-byte store of 8 adjacent columns per thread, instead of four 4-byte stores.
+// Every lane of the warp must call it (the shuffles); row_ok false only skips the stores.
+template <class T, int kCols, class Crd>
+__device__ __forceinline__ void store_row_16bit(T* out, const float (&v)[kCols], const Crd& crd,
+                                                int r, int cols, bool row_ok) {
+  using namespace cute;
+  static_assert(sizeof(T) == 2, "16-bit values: two columns per 32-bit word");
+  static_assert(kCols % 8 == 0, "columns come in groups of four pairs");
+  const int q = threadIdx.x % 4;
+  CUTLASS_PRAGMA_UNROLL
+  for (int c0 = 0; c0 < kCols; c0 += 8) {
+    uint32_t w[4];
+    CUTLASS_PRAGMA_UNROLL
+    for (int s = 0; s < 4; ++s) w[s] = Word<T>::pack(&v[c0 + 2 * s]);  // columns n, n + 1
+    quad_transpose(w, q);
+    // This group spans 32 columns from (its first column rounded down to 8); thread q now holds
+    // the 8 columns from 8 q on, in w[0..3].
+    const int n0 = (get<1>(crd(r, c0)) & ~7) + 8 * q;
+    if (!row_ok) continue;
+    if (n0 + 8 <= cols) {
+      *reinterpret_cast<uint4*>(out + n0) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+      CUTLASS_PRAGMA_UNROLL
+      for (int s = 0; s < 4; ++s) {
+        float pair[2];
+        Word<T>::unpack(w[s], pair);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < 2; ++i) {
+          if (n0 + 2 * s + i < cols) out[n0 + 2 * s + i] = from_float<T>(pair[i]);
+        }
+      }
+    }
+  }
+}
+
 // Forward: the RowState of every row over the tile's columns, and the label's logit of the rows
 // whose label falls in the tile. The label's logit must come from these accumulators: the loss is
 // lse - z_label, and the GEMM's rounding of the dominant logit cancels between the two terms only
 // when both see the same value (a separate fp32 dot product for z_label was measured 1.8e-5 off
 // in relative loss at the benchmark shapes, against 7e-9 for consistent values).
+// kStoreExp (grad-in-forward): also stores each element's e = exp(z - m), m the row's max over
+// the tile, in fp16 at a.tile_exp (the terms of the sum, so one exp2 serves both); the row kernel
+// turns them into dZ once the row's LSE is known. fp16, not bf16: e lies in [0, 1], where fp16
+// carries 3 more bits, and dZ's accuracy rests on them.
+template <bool kStoreExp>
 struct StatsMath {
   using Args = RowForwardArgs;
+  static constexpr bool kPartialPerTile = true;
 
   template <class Acc, class Crd>
   __device__ static void apply(const Args& a, const Acc& acc, const Crd& crd, int rows, int cols,
@@ -131,7 +201,13 @@ struct StatsMath {
       st.max = quad_max(mx);
       const ScaledSoftmaxExp exp_shifted = ScaledSoftmaxExp::of(1.0f, st.max);  // exp(z - max)
       CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kCols; ++c) st.sum_exp += exp_shifted(z[c]);
+      float e[kStoreExp ? kCols : 1];
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const float ec = exp_shifted(z[c]);
+        st.sum_exp += ec;
+        if constexpr (kStoreExp) e[c] = ec;
+      }
       if (smoothing) {  // unweighted: the sum of z over the valid columns
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < kCols; ++c) {
@@ -153,46 +229,24 @@ struct StatsMath {
       }
       quad_merge(st);
       if (m < rows && (threadIdx.x % 4) == 0) a.partials[m * a.partials_ld + n_tile] = st;
+      if constexpr (kStoreExp) {
+        __half* out = static_cast<__half*>(a.tile_exp) +
+                      static_cast<int64_t>(m < rows ? m : 0) * a.tile_exp_ld;
+        store_row_16bit(out, e, crd, r, cols, m < rows);
+      }
     }
   }
 };
 
-// Transposes 4 x 4 32-bit words across the four threads of a quad: afterwards thread q holds in
-// w[s] what thread s held in w[q]. Two butterfly rounds of two shuffles each (every lane of the
-// warp must call it).
-__device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int q) {
-  CUTLASS_PRAGMA_UNROLL
-  for (int bit = 1; bit <= 2; bit <<= 1) {
-    // The slot pairs (lo, lo + bit) that differ in this bit: (0, 1), (2, 3), then (0, 2), (1, 3).
-    // Each thread sends the slot on its partner's side of the bit and stores what it receives in
-    // the slot on its own side.
-    const int lo0 = 0, lo1 = bit == 1 ? 2 : 1;
-    const bool high = (q & bit) != 0;
-    uint32_t v0 = high ? w[lo0] : w[lo0 + bit];
-    uint32_t v1 = high ? w[lo1] : w[lo1 + bit];
-    v0 = __shfl_xor_sync(kFullMask, v0, bit);
-    v1 = __shfl_xor_sync(kFullMask, v1, bit);
-    if (high) {
-      w[lo0] = v0;
-      w[lo1] = v1;
-    } else {
-      w[lo0 + bit] = v0;
-      w[lo1 + bit] = v1;
-    }
-  }
-}
-
 // Recompute backward: dZ of the tile, written in the input dtype (T). Without soft-cap, bias or
 // class weights, a row's dZ is affine in p = exp(z - lse) (AffineLogitGrad), so an element costs a
 // fused multiply-add, an exp2 and another fused multiply-add; the label's step is applied only in
-// warps that hold some row's label (1 tile in cols / 256 per row). A thread's accumulators of a row
-// come in column pairs (2j + {0, 1} of this thread's columns, 8 apart per j), four threads to a
-// quad; a quad transpose turns each group of four pairs into one 16-byte store of 8 adjacent
-// columns per thread, instead of four 4-byte stores (the host checks that ldz is a multiple of 8
-// and dz 16-byte aligned).
+// warps that hold some row's label (1 tile in cols / 256 per row). The host checks that ldz is a
+// multiple of 8 and dz 16-byte aligned (store_row_16bit).
 template <class T>
 struct GradMath {
   using Args = RowGradArgs;
+  static constexpr bool kPartialPerTile = false;
   static_assert(sizeof(T) == 2, "16-bit dZ: two columns per 32-bit word");
 
   template <class Acc, class Crd>
@@ -200,9 +254,7 @@ struct GradMath {
                                int) {
     using namespace cute;
     const float scale = a.options.logit_scale;
-    const int q = threadIdx.x % 4;
     constexpr int kCols = decltype(size<1>(acc))::value;
-    static_assert(kCols % 8 == 0, "columns come in groups of four pairs");
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < size<0>(acc); ++r) {
       // The whole quad shares the row, and every lane takes part in the shuffles below, so a row
@@ -230,30 +282,7 @@ struct GradMath {
         }
       }
       T* out = static_cast<T*>(a.dz) + static_cast<int64_t>(row_ok ? m : 0) * a.ldz;
-      CUTLASS_PRAGMA_UNROLL
-      for (int c0 = 0; c0 < kCols; c0 += 8) {
-        uint32_t w[4];
-        CUTLASS_PRAGMA_UNROLL
-        for (int s = 0; s < 4; ++s) w[s] = Word<T>::pack(&g[c0 + 2 * s]);  // columns n, n + 1
-        quad_transpose(w, q);
-        // This group spans 32 columns from (its first column rounded down to 8); thread q now
-        // holds the 8 columns from 8 q on, in w[0..3].
-        const int n0 = (get<1>(crd(r, c0)) & ~7) + 8 * q;
-        if (!row_ok) continue;
-        if (n0 + 8 <= cols) {
-          *reinterpret_cast<uint4*>(out + n0) = make_uint4(w[0], w[1], w[2], w[3]);
-        } else {
-          CUTLASS_PRAGMA_UNROLL
-          for (int s = 0; s < 4; ++s) {
-            float pair[2];
-            Word<T>::unpack(w[s], pair);
-            CUTLASS_PRAGMA_UNROLL
-            for (int i = 0; i < 2; ++i) {
-              if (n0 + 2 * s + i < cols) out[n0 + 2 * s + i] = from_float<T>(pair[i]);
-            }
-          }
-        }
-      }
+      store_row_16bit(out, g, crd, r, cols, row_ok);
     }
   }
 };
@@ -354,7 +383,7 @@ struct FusedLogitsKernel {
 template <class T, class Math, class Config = DefaultFusedConfig>
 Status run_fused_logits(const LogitsOperands& op, const typename Math::Args& args,
                         cudaStream_t stream) {
-  static_assert(!std::is_same_v<Math, StatsMath> ||
+  static_assert(!Math::kPartialPerTile ||
                     cute::size<1>(typename Config::TileShape{}) == kFusedTileCols,
                 "a statistics kernel writes one partial RowState per kFusedTileCols columns");
   using Element = typename CutlassElement<T>::type;

@@ -13,10 +13,10 @@
 namespace flce::detail::cuda::sm90 {
 
 Status logits_stats_bf16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s) {
-  return run_fused_logits<__nv_bfloat16, StatsMath>(op, args, s);
+  return run_fused_logits<__nv_bfloat16, StatsMath<false>>(op, args, s);
 }
 Status logits_stats_fp16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s) {
-  return run_fused_logits<__half, StatsMath>(op, args, s);
+  return run_fused_logits<__half, StatsMath<false>>(op, args, s);
 }
 
 }  // namespace flce::detail::cuda::sm90

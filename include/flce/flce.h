@@ -148,9 +148,11 @@ struct Plan {
   bool compact_backward_blocks = false;
   // Statistics-only forward blocks (recompute, or no gradients) hold only the fused GEMM's partial
   // row statistics (one 32-byte state per row and 256 columns: 1/32 of the fp32 logits' bytes).
-  // Set where the backend expects its fused statistics GEMM to serve the problem (no metrics asked
-  // for); should it refuse a call anyway, the forward computes fp32 logits in smaller blocks (fewer
-  // rows, split into vocabulary blocks) that fit the same bytes and merges the rows' statistics.
+  // Grad-in-forward blocks hold the fp16 terms exp(z - tile max) the fused GEMM stores with them
+  // (dZ then overwrites them), about half the fp32 logits' bytes. Set where the backend expects
+  // its fused statistics GEMM to serve the problem (no metrics asked for); should it refuse a call
+  // anyway, the forward computes fp32 logits in blocks that fit the same bytes: fewer rows, split
+  // into vocabulary blocks for statistics only (the rows' statistics merged), whole for gradients.
   bool compact_forward_blocks = false;
   size_t forward_workspace_bytes = 0;
   size_t backward_workspace_bytes = 0;

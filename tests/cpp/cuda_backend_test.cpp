@@ -409,7 +409,10 @@ std::vector<CudaParam> cuda_params() {
     bool aligned_rows;  // x row stride a multiple of 8 even with all options
   };
   const Shape shapes[] = {
-      {"odd", 77, 211, 39, false}, {"vec", 77, 200, 40, false}, {"tiles", 300, 1000, 64, true}};
+      {"odd", 77, 211, 39, false},
+      {"vec", 77, 200, 40, false},
+      {"tiles", 300, 1000, 64, true},
+      {"tiles_odd_v", 131, 1003, 64, true}};  // rows of 16-bit blocks end off a 16-byte boundary
   for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
     for (const Shape& sh : shapes) {
       const std::string dn = std::string(dtype_name(t)) + "_" + sh.name;
@@ -523,6 +526,19 @@ std::vector<CudaParam> cuda_params() {
         p.choice.plan.backward_vocab_chunk = sh.v;  // one vocabulary chunk (two when unfused)
         p.choice.plan.forward_vocab_chunk = 0;      // whole forward rows
         p.name = dn + "_recompute_compact_one_block" + suffix;
+        out.push_back(p);
+        // Grad-in-forward compact blocks (fp16 terms exp(z - tile max) turned into dZ), or
+        // (fused_logits off) fp32 blocks of fewer whole rows in the same bytes.
+        p.choice.plan = Plan();
+        p.choice.plan.strategy = Strategy::kGradInForward;
+        p.choice.plan.fused_logits = fused ? FusedLogits::kAlways : FusedLogits::kOff;
+        p.choice.plan.compact_forward_blocks = true;
+        p.choice.plan.forward_token_chunk = 50;
+        p.choice.plan.dw_group_tokens = 50;  // dZ in place over the terms, dW accumulated
+        p.name = dn + "_gif_compact_in_place" + suffix;
+        out.push_back(p);
+        p.choice.plan.dw_group_tokens = sh.n;  // dZ of all tokens kept, one dW GEMM
+        p.name = dn + "_gif_compact_group" + suffix;
         out.push_back(p);
       }
     }
