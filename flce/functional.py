@@ -424,12 +424,13 @@ def plan(
     """The plan flce would use for a call of this shape: strategy name, chunk sizes, the
     recompute backward's loop order ("vocab_outer" or "token_outer"), the GEMM scratch, the
     forward / backward workspace bytes, whether the backend's fused logits GEMMs may run
-    ("auto", "always" or "off") and whether the recompute strategy's blocks are compact: forward
-    blocks that hold only partial row statistics (compact_forward_blocks) and backward blocks
-    that hold only dZ (compact_backward_blocks), where the fused GEMMs are expected to serve the
-    call (see flce::Plan). `softcap`, `class_weighted_smoothing` (class weights with label
-    smoothing) and `return_metrics` matter because the fused GEMMs do not serve them. Raises ValueError when the budget is too
-    small (the message gives the minimum)."""
+    ("auto", "always" or "off") and whether the blocks are compact: forward blocks that hold only
+    partial row statistics, or for grad_in_forward the fp16 terms that become dZ
+    (compact_forward_blocks), and recompute backward blocks that hold only dZ
+    (compact_backward_blocks), where the fused GEMMs are expected to serve the call (see
+    flce::Plan). `softcap`, `class_weighted_smoothing` (class weights with label smoothing) and
+    `return_metrics` matter because the fused GEMMs do not serve them. Raises ValueError when the
+    budget is too small (the message gives the minimum)."""
     for name, value in (
         ("num_tokens", num_tokens),
         ("vocab_size", vocab_size),

@@ -339,7 +339,7 @@ bool fused_stats_fit(const Plan& plan, const Backend& be, const LogitsOperands& 
 
 // A grad-in-forward compact block of `rows` whole rows (block = the forward's logits region):
 // the fp16 terms at pitch compact_ld(V), then the partial RowStates, then the labels' logits.
-// compact_gif_block_bytes (workspace.h) is its size.
+// forward_block_bytes (workspace.cpp) sizes it.
 void carve_gif_block(void* block, int64_t rows, RowForwardArgs* rf) {
   const int64_t ld = compact_ld(rf->vocab_size);
   rf->cols = rf->vocab_size;

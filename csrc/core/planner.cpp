@@ -164,7 +164,8 @@ void for_each_recompute_forward(const Problem& p, const BackendTraits& t, Plan p
   const int64_t n = std::max<int64_t>(p.num_tokens, 1), v = p.vocab_size;
   plan.forward_vocab_chunk = 0;
   // Compact blocks (partial statistics, V / 32 bytes a row) take the most rows a GEMM gains from.
-  const int64_t most_rows = plan.compact_forward_blocks ? kMaxTokenChunk : target_block_rows(p, t, plan);
+  const int64_t most_rows =
+      plan.compact_forward_blocks ? kMaxTokenChunk : target_block_rows(p, t, plan);
   for (int64_t c : descending(most_rows, std::min(n, kMinWholeRowChunk), n)) {
     plan.forward_token_chunk = c;
     f(plan);

@@ -383,9 +383,9 @@ struct FusedLogitsKernel {
 template <class T, class Math, class Config = DefaultFusedConfig>
 Status run_fused_logits(const LogitsOperands& op, const typename Math::Args& args,
                         cudaStream_t stream) {
-  static_assert(!Math::kPartialPerTile ||
-                    cute::size<1>(typename Config::TileShape{}) == kFusedTileCols,
-                "a statistics kernel writes one partial RowState per kFusedTileCols columns");
+  static_assert(
+      !Math::kPartialPerTile || cute::size<1>(typename Config::TileShape{}) == kFusedTileCols,
+      "a statistics kernel writes one partial RowState per kFusedTileCols columns");
   using Element = typename CutlassElement<T>::type;
   using Kernel = typename FusedLogitsKernel<Element, Math, Config>::Kernel;
   using Mainloop = typename FusedLogitsKernel<Element, Math, Config>::Mainloop;
