@@ -528,16 +528,15 @@ Status run_forward(Device device, const ForwardParams& p) {
     }
 
     RowForwardArgs rf = row_forward_args(p, rows, t0, scalars, row_loss, lse, row_metrics);
+    const LogitsOperands op = logits_operands(p, x_chunk, rows, 0, v);
     if (gif_compact) {
       carve_gif_block(logits, rows, &rf);
-      FLCE_RETURN_IF_ERROR(be->logits_stats(logits_operands(p, x_chunk, rows, 0, v), rf));
+      FLCE_RETURN_IF_ERROR(be->logits_stats(op, rf));
       FLCE_RETURN_IF_ERROR(be->rows_forward(rf));
       FLCE_RETURN_IF_ERROR(be->rows_grad(grad_from_exp_args(rf, dz, ldz, dz_type)));
     } else {
-      // logits[rows, V] = x_chunk W^T, then the loss and dZ by the row kernel
-      FLCE_RETURN_IF_ERROR(
-          be->gemm(make_gemm(rows, v, d, {x_chunk, p.x_row_stride, p.dtype, false},
-                             {p.weight, d, p.dtype, true}, logits, v, DType::kFloat32, false)));
+      // fp32 logits of the chunk, then the loss and dZ by the row kernel
+      FLCE_RETURN_IF_ERROR(logits_gemm(*be, op, logits));
       rf.logits = logits;
       rf.ld = v;
       rf.dz = dz;

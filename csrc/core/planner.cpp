@@ -38,11 +38,11 @@ size_t plan_bytes(const Problem& p, const Plan& plan, const BackendTraits& t) {
   return std::max(forward_bytes(p, plan, t), backward_bytes(p, plan, t));
 }
 
-// Rows of a grad-in-forward block of whole rows (`plan` says whether it is compact), a multiple
-// of 64, such that the block, the GEMM scratch and the per-token vectors (loss, LSE, metrics) take
-// at most kTargetExtraBytes. (Evening the rows out over the chunks N needs was measured and
-// dropped: at llama3-4k, 5 x 832 rows ran grad-in-forward in 22.6 ms against 21.5 ms for
-// 4 x 960 + 256, on an H100.)
+// Rows of a forward block of whole rows (`plan` says its kind: fp32 logits, or grad-in-forward
+// compact), a multiple of 64, such that the block, the GEMM scratch and the per-token vectors
+// (loss, LSE, metrics) take at most kTargetExtraBytes. (Evening the rows out over the chunks N
+// needs was measured and dropped: at llama3-4k, 5 x 832 rows ran grad-in-forward in 22.6 ms
+// against 21.5 ms for 4 x 960 + 256, on an H100.)
 int64_t target_block_rows(const Problem& p, const BackendTraits& t, Plan plan) {
   const size_t vectors = static_cast<size_t>(std::max<int64_t>(p.num_tokens, 1)) *
                          (2 + detail::kNumRowMetrics) * sizeof(float);

@@ -130,11 +130,9 @@ Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& a, cu
   if (!a.labels || (a.col_offset < 0 || a.col_offset + a.cols > a.vocab_size)) {
     return invalid("logits_stats: labels must be given and the columns lie within vocab_size");
   }
-  if (a.tile_exp != nullptr && a.tile_exp_ld < a.cols) {
-    return invalid("logits_stats: tile_exp_ld must be >= cols");
-  }
 #if FLCE_WITH_CUTLASS
   if (a.tile_exp != nullptr) {
+    if (a.tile_exp_ld < a.cols) return invalid("logits_stats: tile_exp_ld must be >= cols");
     return op.dtype == DType::kBFloat16 ? sm90::logits_stats_exp_bf16(op, a, stream)
                                         : sm90::logits_stats_exp_fp16(op, a, stream);
   }
