@@ -3,6 +3,7 @@
 // may be device memory).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 
@@ -389,6 +390,90 @@ Status grad_block(Backend& be, const Plan& plan, bool compact, const LogitsOpera
   return be.rows_grad(rg);
 }
 
+// The fp32 accumulator of dx rows [t0, t0 + rows) of a recompute backward with 16-bit dx: its
+// first `borrowed_rows` rows in the end of dx itself (rows >= t0 of dx are not written yet; see
+// dx_accumulator_borrows_dx), the others in the workspace. Without borrowing, all rows are in the
+// workspace, or dx is the accumulator (fp32 dx, or one vocabulary chunk: no accumulator).
+struct DxAccumulator {
+  float* borrowed = nullptr;  // rows [0, borrowed_rows)
+  int64_t borrowed_rows = 0;
+  float* own = nullptr;  // rows [borrowed_rows, rows), in the workspace
+  int64_t rows = 0;
+};
+
+DxAccumulator dx_accumulator(const BackwardParams& p, bool borrow, float* workspace_rows,
+                             int64_t t0, int64_t rows) {
+  DxAccumulator acc;
+  acc.own = workspace_rows;
+  acc.rows = rows;
+  if (borrow) {
+    const int64_t n = p.num_tokens, d = p.hidden_size;
+    // The last rows' bytes of dx: half as many fp32 rows as there are 16-bit rows left.
+    acc.borrowed_rows = std::min(rows, (n - t0) / 2);
+    char* end = offset_ptr(p.grad_x, n * d, p.dtype);
+    acc.borrowed = reinterpret_cast<float*>(end - acc.borrowed_rows * d * sizeof(float));
+  }
+  return acc;
+}
+
+// dx rows of the accumulator (+)= dZ W[v0:v0 + cols] (dz: `acc.rows` rows of pitch ldz): one GEMM
+// per part.
+Status accumulate_dx(Backend& be, const BackwardParams& p, const DxAccumulator& acc, const void* dz,
+                     int64_t ldz, DType dz_type, int64_t v0, int64_t cols) {
+  const int64_t d = p.hidden_size;
+  const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
+  if (acc.borrowed_rows > 0) {
+    FLCE_RETURN_IF_ERROR(
+        be.gemm(make_gemm(acc.borrowed_rows, d, cols, {dz, ldz, dz_type, false},
+                          {w_chunk, d, p.dtype, false}, acc.borrowed, d, DType::kFloat32, v0 > 0)));
+  }
+  const int64_t own_rows = acc.rows - acc.borrowed_rows;
+  if (own_rows > 0) {
+    FLCE_RETURN_IF_ERROR(be.gemm(make_gemm(
+        own_rows, d, cols, {offset_ptr(dz, acc.borrowed_rows * ldz, dz_type), ldz, dz_type, false},
+        {w_chunk, d, p.dtype, false}, acc.own, d, DType::kFloat32, v0 > 0)));
+  }
+  return Status::Ok();
+}
+
+// dst[i] = src[i] in dst_type (16-bit) where dst may overlap src from below (dst <= src in bytes):
+// in runs [lo, hi) whose output ends before the input of element lo, so no run overwrites an
+// input it has not read yet (one element first when dst == src, then runs that double).
+Status convert_narrowing_in_place(Backend& be, const float* src, void* dst, DType dst_type,
+                                  int64_t count) {
+  const int64_t out_size = static_cast<int64_t>(dtype_size(dst_type));
+  const int64_t gap =
+      static_cast<const char*>(static_cast<const void*>(src)) - static_cast<const char*>(dst);
+  if (gap < 0 || out_size >= static_cast<int64_t>(sizeof(float))) {
+    return Status::Error(
+        StatusCode::kBackendError,
+        "convert_narrowing_in_place: expects a 16-bit output at or below its input");
+  }
+  const int64_t in_size = static_cast<int64_t>(sizeof(float));
+  for (int64_t lo = 0; lo < count;) {
+    // Output bytes [lo * out, hi * out) must end at or before the input of lo: gap + lo * in.
+    const int64_t hi = std::min(count, std::max(lo + 1, (gap + lo * in_size) / out_size));
+    FLCE_RETURN_IF_ERROR(be.convert(src + lo, offset_ptr(dst, lo, dst_type), dst_type, hi - lo));
+    lo = hi;
+  }
+  return Status::Ok();
+}
+
+// dx rows [t0, t0 + acc.rows) from their accumulator: the borrowed part first (its output lies
+// below its input and may overlap it), then the workspace part, whose output may cover the
+// borrowed part's input.
+Status finish_dx(Backend& be, const BackwardParams& p, const DxAccumulator& acc, int64_t t0) {
+  const int64_t d = p.hidden_size;
+  if (acc.borrowed_rows > 0) {
+    FLCE_RETURN_IF_ERROR(convert_narrowing_in_place(
+        be, acc.borrowed, offset_ptr(p.grad_x, t0 * d, p.dtype), p.dtype, acc.borrowed_rows * d));
+  }
+  const int64_t own_rows = acc.rows - acc.borrowed_rows;
+  if (own_rows == 0) return Status::Ok();
+  return be.convert(acc.own, offset_ptr(p.grad_x, (t0 + acc.borrowed_rows) * d, p.dtype), p.dtype,
+                    own_rows * d);
+}
+
 }  // namespace
 
 Status run_forward(Device device, const ForwardParams& p) {
@@ -647,6 +732,12 @@ Status run_backward(Device device, const BackwardParams& p) {
   float* logits = reinterpret_cast<float*>(at(ws, l.logits));
   float* dx_accum = l.dx_accum == kAbsent ? nullptr : reinterpret_cast<float*>(at(ws, l.dx_accum));
   float* db_accum = l.db_accum == kAbsent ? nullptr : reinterpret_cast<float*>(at(ws, l.db_accum));
+  const bool borrow_dx = dx_accum != nullptr && dx_accumulator_borrows_dx(prob, plan);
+  if (borrow_dx && reinterpret_cast<uintptr_t>(p.grad_x) % 16 != 0) {
+    return invalid(
+        "grad_x must be 16-byte aligned: this plan accumulates dx in fp32 partly in dx's own "
+        "memory");
+  }
   // Where a block's dZ goes: in place over the logits block (fp32 rows hold the dZ row at their
   // start, or compact rows at compact_ld) or, vocabulary-outer with several token blocks, in
   // dz_vocab. Every block is alike in alignment, so the first one decides whether compact blocks
@@ -673,9 +764,7 @@ Status run_backward(Device device, const BackwardParams& p) {
       const void* x_block = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
       // dx of this token chunk: straight into the output when it is fp32 or when one vocabulary
       // chunk covers V, else accumulated in fp32 and converted once.
-      void* dx_target = dx_accum ? static_cast<void*>(dx_accum)
-                                 : (p.grad_x ? offset_ptr(p.grad_x, t0 * d, p.dtype) : nullptr);
-      const DType dx_type = dx_accum ? DType::kFloat32 : p.dtype;
+      const DxAccumulator acc = dx_accumulator(p, borrow_dx, dx_accum, t0, rows);
       for (int64_t v0 = 0; v0 < v; v0 += bv) {
         const int64_t cols = std::min(bv, v - v0);
         const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
@@ -684,10 +773,12 @@ Status run_backward(Device device, const BackwardParams& p) {
         FLCE_RETURN_IF_ERROR(grad_block(
             *be, plan, compact, logits_operands(p, x_block, rows, v0, cols),
             row_grad_args(p, scalars, logits, rows, cols, t0, v0, logits, ldz, dz_type), logits));
-        if (p.grad_x) {  // dx[chunk] (+)= dZ W[v0:v0+cols]
-          FLCE_RETURN_IF_ERROR(
-              be->gemm(make_gemm(rows, d, cols, {logits, ldz, dz_type, false},
-                                 {w_chunk, d, p.dtype, false}, dx_target, d, dx_type, v0 > 0)));
+        if (dx_accum) {  // dx[chunk] (+)= dZ W[v0:v0+cols]
+          FLCE_RETURN_IF_ERROR(accumulate_dx(*be, p, acc, logits, ldz, dz_type, v0, cols));
+        } else if (p.grad_x) {
+          FLCE_RETURN_IF_ERROR(be->gemm(
+              make_gemm(rows, d, cols, {logits, ldz, dz_type, false}, {w_chunk, d, p.dtype, false},
+                        offset_ptr(p.grad_x, t0 * d, p.dtype), d, p.dtype, v0 > 0)));
         }
         if (p.grad_weight) {  // dW[v0:v0+cols] (+)= dZ^T x[chunk], in dW's own dtype
           FLCE_RETURN_IF_ERROR(
@@ -707,18 +798,14 @@ Status run_backward(Device device, const BackwardParams& p) {
           FLCE_RETURN_IF_ERROR(be->column_sum(cs));
         }
       }
-      if (dx_accum) {
-        FLCE_RETURN_IF_ERROR(
-            be->convert(dx_accum, offset_ptr(p.grad_x, t0 * d, p.dtype), p.dtype, rows * d));
-      }
+      if (dx_accum) FLCE_RETURN_IF_ERROR(finish_dx(*be, p, acc, t0));
     }
     if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->convert(db_accum, p.grad_bias, p.dtype, v));
     return Status::Ok();
   }
 
   // Vocabulary-outer: dZ of all N tokens for one vocabulary chunk, then its GEMMs.
-  void* dx_target = dx_accum ? static_cast<void*>(dx_accum) : p.grad_x;
-  const DType dx_type = dx_accum ? DType::kFloat32 : p.dtype;
+  const DxAccumulator acc = dx_accumulator(p, borrow_dx, dx_accum, 0, n);
   for (int64_t v0 = 0; v0 < v; v0 += bv) {
     const int64_t cols = std::min(bv, v - v0);
     const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
@@ -739,10 +826,12 @@ Status run_backward(Device device, const BackwardParams& p) {
           cols, d, n, {dz_base, ldz, dz_type, true}, {p.x, p.x_row_stride, p.dtype, false},
           offset_ptr(p.grad_weight, v0 * d, p.dtype), d, p.dtype, false)));
     }
-    if (p.grad_x) {  // dx (+)= dZ W[v0:v0+cols]
+    if (dx_accum) {  // dx (+)= dZ W[v0:v0+cols]
+      FLCE_RETURN_IF_ERROR(accumulate_dx(*be, p, acc, dz_base, ldz, dz_type, v0, cols));
+    } else if (p.grad_x) {
       FLCE_RETURN_IF_ERROR(
           be->gemm(make_gemm(n, d, cols, {dz_base, ldz, dz_type, false},
-                             {w_chunk, d, p.dtype, false}, dx_target, d, dx_type, v0 > 0)));
+                             {w_chunk, d, p.dtype, false}, p.grad_x, d, p.dtype, v0 > 0)));
     }
     if (p.grad_bias) {
       ColumnSumArgs cs;
@@ -757,7 +846,7 @@ Status run_backward(Device device, const BackwardParams& p) {
           be->convert(db_accum, offset_ptr(p.grad_bias, v0, p.dtype), p.dtype, cols));
     }
   }
-  if (dx_accum) FLCE_RETURN_IF_ERROR(be->convert(dx_accum, p.grad_x, p.dtype, n * d));
+  if (dx_accum) FLCE_RETURN_IF_ERROR(finish_dx(*be, p, acc, 0));
   return Status::Ok();
 }
 

@@ -226,9 +226,10 @@ double backward_cost(const Problem& p, const Plan& plan) {
 
 // Token-outer accumulates dW in its own dtype once per token chunk, so 16-bit dW is rounded once
 // per chunk. Measured on an H100 (bench, LM data, bf16) against float64: dW error 2.3-2.5e-3 with
-// one rounding, 2.9-3.0e-3 with 3-5 chunks, 3.4e-3 with 6 and 3.8e-3 with 8 (bench/NOTES.md);
-// the target is 3e-3, so at most 4.
-constexpr int64_t kMaxDwRoundings16 = 4;
+// one rounding, 2.9e-3 with 3 chunks, 3.0-3.3e-3 with 4, 3.4e-3 with 6 and 3.8e-3 with 8
+// (bench/NOTES.md); the target is 3e-3, so at most 2. (The dx accumulator borrows dx's own memory,
+// dx_accumulator_borrows_dx, so 2 chunks need the workspace that 4 needed before.)
+constexpr int64_t kMaxDwRoundings16 = 2;
 
 // Token chunks for the token-outer order: N split evenly into 1..kMaxDwRoundings16 chunks (rounded
 // up to a multiple of 64 rows), then halving when the rounding count is not limited.

@@ -84,13 +84,17 @@ BackwardLayout backward_layout(const Problem& p, const Plan& plan, const Backend
                                           : f32(bt * bv));
   if (token_outer(plan)) {
     // dZ overwrites each block in place; dx of one token chunk and db of all columns accumulate.
-    if (needs_dx_accumulator(p, plan)) l.dx_accum = c.take(f32(std::min(bt, n) * d));
+    if (needs_dx_accumulator(p, plan)) {
+      l.dx_accum = c.take(f32(dx_accumulator_workspace_rows(p, plan, std::min(bt, n)) * d));
+    }
     if (p.needs_grad_bias) l.db_accum = c.take(f32(p.vocab_size));
   } else {
     if (bt < n) {
       l.dz_vocab = c.take(static_cast<size_t>(n) * compact_ld(bv) * dz_size);
     }
-    if (needs_dx_accumulator(p, plan)) l.dx_accum = c.take(f32(n * d));
+    if (needs_dx_accumulator(p, plan)) {
+      l.dx_accum = c.take(f32(dx_accumulator_workspace_rows(p, plan, n) * d));
+    }
     if (p.needs_grad_bias) l.db_accum = c.take(f32(bv));
   }
   const size_t scratch = gemm_scratch_bytes(plan, traits);

@@ -101,5 +101,16 @@ inline int64_t narrowest_vocab_chunk(const Plan& plan) {
 inline bool needs_dx_accumulator(const Problem& p, const Plan& plan) {
   return p.needs_grad_x && narrowest_vocab_chunk(plan) < p.vocab_size && p.dtype != DType::kFloat32;
 }
+// Whether that fp32 accumulator borrows the end of dx itself: rows >= t0 of the 16-bit dx hold
+// nothing yet while token chunk t0 accumulates, and the chunk's own output rows alone hold half its
+// fp32 rows, so the workspace keeps only the other half (rows_in_workspace). D % 8 keeps every
+// borrowed row 16-byte aligned for the GEMMs (given a 16-byte aligned dx).
+inline bool dx_accumulator_borrows_dx(const Problem& p, const Plan& plan) {
+  return needs_dx_accumulator(p, plan) && p.hidden_size % 8 == 0;
+}
+// Rows of a `rows`-row fp32 accumulator that live in the workspace.
+inline int64_t dx_accumulator_workspace_rows(const Problem& p, const Plan& plan, int64_t rows) {
+  return dx_accumulator_borrows_dx(p, plan) ? (rows + 1) / 2 : rows;
+}
 
 }  // namespace flce::detail

@@ -77,9 +77,9 @@ TEST(Budget, BelowMinimumIsRefusedWithTheMinimum) {
   }
 }
 
-// Below the fp32 [N, D] dx accumulator of the vocabulary-outer order, the recompute backward walks
-// token chunks outermost; with 16-bit dW it never takes more than 4 of them (dW is rounded once
-// per chunk).
+// In a small budget the recompute backward of a 16-bit problem walks token chunks outermost (its
+// fp32 dx accumulator covers one chunk), never more than 2 of them (dW is rounded once per chunk).
+// (D = 67: the accumulator does not borrow dx's memory.) fp32 dx is its own accumulator.
 TEST(Budget, SmallBudgetsWalkTokensOutermost) {
   for (DType t : {DType::kBFloat16, DType::kFloat32}) {
     Case c = budget_case();
@@ -93,11 +93,11 @@ TEST(Budget, SmallBudgetsWalkTokensOutermost) {
     const size_t budget = roomy.min_budget_bytes + dx_accum / 8;
     Plan plan;
     ASSERT_TRUE(make_plan(prob, Device::kCpu, budget, Strategy::kRecompute, &plan).ok());
-    EXPECT_EQ(plan.backward_order, BackwardOrder::kTokenOuter) << dtype_name(t);
     EXPECT_LE(plan.backward_workspace_bytes, budget);
     const int64_t token_chunks = (c.n + plan.backward_token_chunk - 1) / plan.backward_token_chunk;
     if (t == DType::kBFloat16) {
-      EXPECT_LE(token_chunks, 4);
+      EXPECT_EQ(plan.backward_order, BackwardOrder::kTokenOuter);
+      EXPECT_LE(token_chunks, 2);
     }
   }
 }
