@@ -38,8 +38,9 @@ struct BackwardLayout {
                               // compact blocks dz_type[backward_token_chunk, compact_ld(chunk)]
   size_t dz_vocab = kAbsent;  // dz_type[N, compact_ld(backward_vocab_chunk)] (when token
                               // blocks < N)
-  size_t dx_accum = kAbsent;  // float[N or backward_token_chunk (token-outer), D] (when the
-                              // vocabulary takes several chunks)
+  size_t dx_accum = kAbsent;  // float[N or backward_token_chunk (token-outer), D], or half
+                              // those rows when it borrows dx (dx_accumulator_borrows_dx), when
+                              // the vocabulary takes several chunks
   size_t db_accum = kAbsent;  // float[backward_vocab_chunk] (vocabulary-outer) or float[V]
   size_t gemm_scratch = kAbsent;
   size_t total = 0;
@@ -103,7 +104,7 @@ inline bool needs_dx_accumulator(const Problem& p, const Plan& plan) {
 }
 // Whether that fp32 accumulator borrows the end of dx itself: rows >= t0 of the 16-bit dx hold
 // nothing yet while token chunk t0 accumulates, and the chunk's own output rows alone hold half its
-// fp32 rows, so the workspace keeps only the other half (rows_in_workspace). D % 8 keeps every
+// fp32 rows, so the workspace keeps only the other half (dx_accumulator_workspace_rows). D % 8 keeps every
 // borrowed row 16-byte aligned for the GEMMs (given a 16-byte aligned dx).
 inline bool dx_accumulator_borrows_dx(const Problem& p, const Plan& plan) {
   return needs_dx_accumulator(p, plan) && p.hidden_size % 8 == 0;
