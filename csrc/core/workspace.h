@@ -104,8 +104,8 @@ inline bool needs_dx_accumulator(const Problem& p, const Plan& plan) {
 }
 // Whether that fp32 accumulator borrows the end of dx itself: rows >= t0 of the 16-bit dx hold
 // nothing yet while token chunk t0 accumulates, and the chunk's own output rows alone hold half its
-// fp32 rows, so the workspace keeps only the other half (dx_accumulator_workspace_rows). D % 8 keeps every
-// borrowed row 16-byte aligned for the GEMMs (given a 16-byte aligned dx).
+// fp32 rows, so the workspace keeps only the other half (dx_accumulator_workspace_rows). D % 8
+// keeps every borrowed row 16-byte aligned for the GEMMs (given a 16-byte aligned dx).
 inline bool dx_accumulator_borrows_dx(const Problem& p, const Plan& plan) {
   return needs_dx_accumulator(p, plan) && p.hidden_size % 8 == 0;
 }
