@@ -12,9 +12,13 @@
 
 namespace flce::detail::cuda {
 
-// Rows and columns of one CTA tile; the columns of a tile are summarized by one partial RowState.
+// Rows and columns of one CTA tile of the cooperative kernel (ping-pong tiles have 64 rows); the
+// columns of a tile are summarized by one partial RowState.
 constexpr int64_t kFusedTileRows = 128;
 constexpr int64_t kFusedTileCols = 256;
+// Below this hidden size the fused GEMMs run ping-pong consumers, which overlap one tile's epilogue
+// with another's mainloop (see sm90_fused_logits.cuh for the measurements).
+constexpr int64_t kFusedPingpongMaxHidden = 2048;
 static_assert(kFusedTileCols == kPartialStatsCols, "one partial RowState per CTA tile of columns");
 
 // Whether this build and the current device can run the fused GEMMs on `op` (dtype, alignment of

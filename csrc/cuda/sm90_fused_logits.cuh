@@ -35,24 +35,38 @@
 
 namespace flce::detail::cuda::sm90 {
 
-// The kernel's shape: CTA tile (rows, columns, K step), cluster, and mainloop schedule. The
-// default is one CTA tile of 128 rows (two consumer warpgroups of 64) x 256 columns, K steps of 64,
-// in clusters of two CTAs along the rows that share each W tile through TMA multicast (measured
-// on an H100 against 1x1 and 1x2 clusters and 64 x 256 ping-pong tiles: the best or within 2% at
-// the benchmark shapes, 1.20x cuBLAS instead of 1.38x for the statistics GEMM at D = 896). A
-// statistics kernel needs tiles of kFusedTileCols columns (one partial RowState per tile).
+// The kernel's shape: CTA tile (rows, columns, K step), cluster, and mainloop schedule. Two are
+// built, both in clusters of two CTAs along the rows that share each W tile through TMA multicast,
+// both with tiles of kFusedTileCols columns (a statistics kernel writes one partial RowState per
+// tile):
+//   - cooperative: one CTA tile of 128 rows (two consumer warpgroups of 64) x 256 columns, K steps
+//     of 64; the epilogue runs while the tensor cores wait. Measured on an H100 against 1x1 and
+//     1x2 clusters and 64 x 256 ping-pong tiles on whole benchmark shapes: the best or within 2%
+//     where D >= 2304.
+//   - ping-pong: each consumer warpgroup a tile of 64 x 256, the two taking turns, so that one
+//     warpgroup's epilogue runs while the other's mainloop keeps the tensor cores busy. It pays
+//     where the epilogue weighs most against the mainloop, at small D (kFusedPingpongMaxHidden).
+// Measured on an H200 (lean blocks and whole rows, bf16, one run each, medians of 7):
+// at D = 896 (qwen-0.5b) ping-pong took the dZ kernel from 9.3 to 8.1 ms in total, the lean
+// fwd+bwd from 33.6 to 32.6 ms, grad-in-forward from 27.2 to 26.1 ms and the forward alone from
+// 8.1 to 7.1 ms. At D = 2304 and 4096 the dZ kernel also ran 12-16% faster, but the whole calls
+// did not (gemma2, llama3 and llama3-4k within +-1.5%), and the forward alone ran 5% slower.
 template <class TileShape_, class ClusterShape_, class Schedule_>
 struct FusedConfig {
   using TileShape = TileShape_;
   using ClusterShape = ClusterShape_;
   using Schedule = Schedule_;
 };
-using DefaultFusedConfig = FusedConfig<cute::Shape<cute::_128, cute::_256, cute::_64>,
-                                       cute::Shape<cute::_2, cute::_1, cute::_1>,
-                                       cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
-static_assert(cute::size<0>(DefaultFusedConfig::TileShape{}) == kFusedTileRows &&
-                  cute::size<1>(DefaultFusedConfig::TileShape{}) == kFusedTileCols,
-              "fused_logits.h states the default tile");
+using CooperativeConfig = FusedConfig<cute::Shape<cute::_128, cute::_256, cute::_64>,
+                                      cute::Shape<cute::_2, cute::_1, cute::_1>,
+                                      cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
+using PingpongConfig = FusedConfig<cute::Shape<cute::_64, cute::_256, cute::_64>,
+                                   cute::Shape<cute::_2, cute::_1, cute::_1>,
+                                   cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
+static_assert(cute::size<0>(CooperativeConfig::TileShape{}) == kFusedTileRows &&
+                  cute::size<1>(CooperativeConfig::TileShape{}) == kFusedTileCols &&
+                  cute::size<1>(PingpongConfig::TileShape{}) == kFusedTileCols,
+              "fused_logits.h states the tiles");
 
 // A warpgroup MMA accumulator fragment is ((2, 2, N/8), MMA_M, MMA_N): value mode 0 steps to the
 // next column, mode 1 to the row 8 below, mode 2 to the columns 8 to the right. Viewed as
@@ -378,11 +392,10 @@ struct FusedLogitsKernel {
       cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
 };
 
-// Launches the fused GEMM of `op` (T: the CUDA element type) on `stream`. The caller has checked
-// fused_logits_supported(op).
-template <class T, class Math, class Config = DefaultFusedConfig>
-Status run_fused_logits(const LogitsOperands& op, const typename Math::Args& args,
-                        cudaStream_t stream) {
+// Launches the fused GEMM of `op` (T: the CUDA element type) with one kernel shape on `stream`.
+template <class T, class Math, class Config>
+Status launch_fused_logits(const LogitsOperands& op, const typename Math::Args& args,
+                           cudaStream_t stream) {
   static_assert(
       !Math::kPartialPerTile || cute::size<1>(typename Config::TileShape{}) == kFusedTileCols,
       "a statistics kernel writes one partial RowState per kFusedTileCols columns");
@@ -432,6 +445,17 @@ Status run_fused_logits(const LogitsOperands& op, const typename Math::Args& arg
   }
   FLCE_CUDA_CHECK_LAUNCH("fused logits GEMM");
   return Status::Ok();
+}
+
+// Launches the fused GEMM of `op` with the kernel shape for its hidden size. The caller has checked
+// fused_logits_supported(op).
+template <class T, class Math>
+Status run_fused_logits(const LogitsOperands& op, const typename Math::Args& args,
+                        cudaStream_t stream) {
+  if (op.hidden < kFusedPingpongMaxHidden) {
+    return launch_fused_logits<T, Math, PingpongConfig>(op, args, stream);
+  }
+  return launch_fused_logits<T, Math, CooperativeConfig>(op, args, stream);
 }
 
 }  // namespace flce::detail::cuda::sm90

@@ -1103,13 +1103,19 @@ detail::GemmArgs logits_gemm_args(const detail::LogitsOperands& op, void* logits
 // block of several partial CTA tiles: every dZ element and every partial statistic is written
 // (the outputs start as NaN), and both paths agree. Runs where the fused GEMMs can (CUTLASS built
 // in, compute capability 9.0), and checks they are taken exactly there and for exactly the
-// options they serve.
-TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
+// options they serve. The hidden sizes lie below and above kFusedPingpongMaxHidden, so both kernel
+// shapes (ping-pong and cooperative consumers) run.
+class CudaFusedLogits : public ::testing::TestWithParam<int64_t> {};
+static_assert(72 < detail::cuda::kFusedPingpongMaxHidden &&
+                  2056 >= detail::cuda::kFusedPingpongMaxHidden,
+              "the test's hidden sizes pick one kernel shape each");
+
+TEST_P(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
   SKIP_WITHOUT_DEVICE();
   Case c;
   c.n = 300;
   c.v = 1000;
-  c.d = 72;
+  c.d = GetParam();
   c.dtype = DType::kBFloat16;
   fusable_options(c);
   c.options.reduction = Reduction::kSum;
@@ -1295,6 +1301,10 @@ TEST(CudaFusedLogits, MatchUnfusedPrimitivesAndWriteEveryElement) {
     }
   }
 }
+INSTANTIATE_TEST_SUITE_P(Cuda, CudaFusedLogits, ::testing::Values<int64_t>(72, 2056),
+                         [](const ::testing::TestParamInfo<int64_t>& info) {
+                           return "d" + std::to_string(info.param);
+                         });
 
 }  // namespace
 }  // namespace flce::test
