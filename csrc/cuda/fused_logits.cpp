@@ -103,10 +103,12 @@ bool fused_logits_expected(const Problem& p) {
          fused_dtype_and_device(p.dtype, p.hidden_size);
 }
 
-// The dZ epilogue runs while the tensor cores wait (the kernel has no stream-K and does not
-// overlap epilogue and mainloop), so it pays off on blocks of several waves of CTA tiles only.
-// Measured on an H100 (D = 4096): the lean plan's [2048, 2560] blocks (160 tiles for 132 SMs)
-// took 1.4x the time of cuBLAS + the row kernel, a [2048, 8192] block (512 tiles) 0.9x.
+// Where D >= kFusedPingpongMaxHidden the dZ epilogue runs while the tensor cores wait (the
+// cooperative kernel has no stream-K and does not overlap epilogue and mainloop), so it pays off
+// on blocks of several waves of CTA tiles only. Measured on an H100 (D = 4096): the lean plan's
+// [2048, 2560] blocks (160 tiles of 128 x 256 for 132 SMs) took 1.4x the time of cuBLAS + the row
+// kernel, a [2048, 8192] block (512 tiles) 0.9x. The same count, in 128 x 256 tiles, serves the
+// ping-pong kernel (not measured apart).
 constexpr int64_t kMinGradWaves = 3;
 
 bool fused_grad_pays(const LogitsOperands& op) {

@@ -7,7 +7,8 @@
 //     once, in the input dtype, instead of fp32 logits written, read back and rewritten).
 // The per-element and per-row formulas are those of core/row_math.h, as in the row kernels.
 //
-// Included by the sm90_fused_logits_*.cu files only: each instantiates one Math for bf16 and fp16.
+// Included by the sm90_fused_logits_*.cu files only: each instantiates one Math for bf16 and fp16,
+// in both kernel shapes (run_fused_logits picks one by the hidden size).
 #pragma once
 
 #ifndef NDEBUG
@@ -46,11 +47,12 @@ namespace flce::detail::cuda::sm90 {
 //   - ping-pong: each consumer warpgroup a tile of 64 x 256, the two taking turns, so that one
 //     warpgroup's epilogue runs while the other's mainloop keeps the tensor cores busy. It pays
 //     where the epilogue weighs most against the mainloop, at small D (kFusedPingpongMaxHidden).
-// Measured on an H200 (lean blocks and whole rows, bf16, one run each, medians of 7):
-// at D = 896 (qwen-0.5b) ping-pong took the dZ kernel from 9.3 to 8.1 ms in total, the lean
-// fwd+bwd from 33.6 to 32.6 ms, grad-in-forward from 27.2 to 26.1 ms and the forward alone from
-// 8.1 to 7.1 ms. At D = 2304 and 4096 the dZ kernel also ran 12-16% faster, but the whole calls
-// did not (gemma2, llama3 and llama3-4k within +-1.5%), and the forward alone ran 5% slower.
+// Measured on an H200 (bf16, interleaved runs; bench/NOTES.md, version 8): at D = 896 (qwen-0.5b)
+// ping-pong took the lean plan's dZ kernels from 9.3 to 8.1 ms in total, the lean fwd+bwd from
+// 33.6 to 32.6 ms, grad-in-forward from 27.2 to 26.1 ms and the forward alone from 8.1 to 7.1 ms.
+// At D = 2304 and 4096 the dZ kernels also ran 12-16% faster, but the whole calls did not
+// (gemma2, llama3 and llama3-4k within +-1.5%), and the forward alone ran 5% slower at gemma2 and
+// llama3.
 template <class TileShape_, class ClusterShape_, class Schedule_>
 struct FusedConfig {
   using TileShape = TileShape_;
