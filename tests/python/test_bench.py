@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flce.bench import cli, data
+from flce.bench import cli, data, kernels
 from flce.bench.reference import reference, relative_error
 
 TINY = "tiny:67:1031:48"  # no dimension a multiple of 8
@@ -247,3 +247,75 @@ def test_benchmark_runs_on_cuda(tmp_path, device):
         assert rows[name]["status"] == "ok" or rows[name]["error"]
     assert rows["torch"]["ratio_compile"] > 0
     assert all(r["extra_bytes"] is not None for r in out["scaling"] if r["status"] == "ok")
+
+
+@pytest.mark.parametrize(
+    "name,label",
+    [
+        (
+            (
+                "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int>, "
+                "cutlass::gemm::collective::CollectiveMma<cutlass::gemm::MainloopSm90TmaGmmaWarp"
+                "SpecializedPingpong<4>, cutlass::gemm::KernelTmaWarpSpecializedPingpong>, "
+                "flce::detail::cuda::sm90::StatsMath<true>>>(Params)"
+            ),
+            "fused statistics + e GEMM (ping-pong)",
+        ),
+        (
+            (
+                "void cutlass::device_kernel<GemmUniversal<KernelTmaWarpSpecializedCooperative, "
+                "flce::detail::cuda::sm90::GradMath<__nv_bfloat16>>>(Params)"
+            ),
+            "fused dZ GEMM (cooperative)",
+        ),
+        ("flce::detail::cuda::sm90::StatsMath<false>", "fused statistics GEMM"),
+        (
+            (
+                "void flce::detail::cuda::(anonymous namespace)::rows_grad_from_exp_kernel"
+                "<__nv_bfloat16, 8>(flce::detail::RowGradArgs)"
+            ),
+            "flce rows_grad_from_exp_kernel",
+        ),
+        ("nvjet_sm90_tst_128x256_64x4_1x2_h_bz_coopA_NNN",) * 2,
+        ("flce::lce_forward", "flce::lce_forward"),
+        ("x" * 200, "x" * 87 + "..."),
+    ],
+)
+def test_kernel_label(name, label):
+    assert kernels.kernel_label(name) == label
+
+
+def test_kernel_table_runs_on_cpu(tmp_path):
+    args = ["--device", "cpu", "--shape", TINY, "--iters", "2", "--reps", "2"]
+    args += ["--out", str(tmp_path)]
+    assert kernels.main(args) == 0
+    md = (tmp_path / "cpu-kernels.md").read_text()
+    for strategy in kernels.STRATEGIES:
+        assert f"## tiny (N=67, V=1031, D=48), {strategy}" in md
+    # Each table lists flce's forward op with one call per call (the profile is averaged).
+    sections = md.split("\n## ")[1:]
+    assert len(sections) == len(kernels.STRATEGIES)
+    for sec in sections:
+        lines = sec.splitlines()
+        row = next(line for line in lines if line.startswith("| flce::lce_forward |"))
+        ms, calls = row.split("|")[2:4]
+        assert float(ms) > 0 and float(calls) == 1
+    # recompute computes the gradients in its backward op; the forward alone runs none.
+    assert "| flce::lce_backward |" in sections[1]
+    assert "| flce::lce_backward |" not in sections[2]
+
+
+def test_kernel_table_rejects_unknown_strategy(tmp_path):
+    with pytest.raises(SystemExit):
+        kernels.main(["--device", "cpu", "--strategies", "fast", "--out", str(tmp_path)])
+
+
+@pytest.mark.gpu
+def test_kernel_table_runs_on_cuda(tmp_path, device):
+    args = ["--device", "cuda", "--shape", TINY, "--iters", "2", "--reps", "2"]
+    args += ["--out", str(tmp_path)]
+    assert kernels.main(args) == 0
+    (path,) = tmp_path.glob("*-kernels.md")
+    md = path.read_text()
+    assert md.count("\n## tiny") == len(kernels.STRATEGIES)
+    assert "| kernel | ms per call | launches per call | share |" in md
