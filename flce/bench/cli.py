@@ -318,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(prefix + ".json") as f:
             old = json.load(f)
         old_rows, old_scaling = old.get("results", []), old.get("scaling", [])
-        meta["appended_to"] = old.get("meta", {}).get("date")
+        prev = old.get("meta", {})
+        meta["appended_to"] = prev.get("date")
+        # The report names every command whose results it holds, in order.
+        earlier = prev.get("commands") or ([prev["command"]] if prev.get("command") else [])
+        meta["commands"] = [*earlier, meta["command"]]
 
     def merged() -> tuple[list[dict], list[dict]]:
         new_keys = {(r["shape"], r["kind"], r["method"]) for r in rows}

@@ -53,8 +53,23 @@ def markdown(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
     out = [f"# flce benchmark on {meta.get('gpu', '?')}", ""]
     versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
     out += [f"Date {meta.get('date', '?')}; {versions}.", ""]
-    if meta.get("command"):
-        out += [f"Command: `{meta['command']}`", ""]
+    commands = meta.get("commands") or ([meta["command"]] if meta.get("command") else [])
+    if len(commands) == 1:
+        out += [f"Command: `{commands[0]}`", ""]
+    elif commands:
+        out += [
+            "Commands, merged into this report (each later one with --append): "
+            + ", then ".join(f"`{c}`" for c in commands),
+            "",
+        ]
+    flce_versions = sorted({r["versions"]["flce"] for r in rows if "flce" in r.get("versions", {})})
+    if len(flce_versions) > 1:
+        out += [
+            "The rows were measured with different flce versions ("
+            + ", ".join(flce_versions)
+            + "); each row's JSON record names its own.",
+            "",
+        ]
     out += [
         "Work: fused linear cross-entropy, bf16 x [N, D] and W [V, D], fp32 loss, mean reduction, "
         "10% of labels ignored"

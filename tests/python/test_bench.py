@@ -192,6 +192,11 @@ def test_benchmark_runs_on_cpu(tmp_path):
     assert ("lm", "flce_auto") in keys and ("flat", "torch") in keys
     assert len(keys) == len(set(keys)) == len(methods.split(",")) + 1
     assert len(out["scaling"]) == 4
+    # The merged report names both commands, in order.
+    first, second = out["meta"]["commands"]
+    assert "--append" not in first and "--append" in second and second == out["meta"]["command"]
+    md = (tmp_path / "cpu-t.md").read_text()
+    assert "Commands, merged into this report" in md and md.index(first) < md.index(second)
 
 
 def test_failures_are_reported_not_hidden(tmp_path):
