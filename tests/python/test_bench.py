@@ -176,7 +176,14 @@ def test_benchmark_runs_on_cpu(tmp_path):
     assert cli.main(["--replot", str(tmp_path / "cpu-t.json")]) == 0
     assert (tmp_path / "cpu-t.md").read_text() == md
 
-    # --append keeps what the earlier run measured and replaces what is measured again.
+    # --append keeps what the earlier run measured and replaces what is measured again. The
+    # earlier rows are stamped with another flce version here, which the report must point out.
+    with open(tmp_path / "cpu-t.json") as f:
+        earlier = json.load(f)
+    for r in earlier["results"]:
+        r["versions"]["flce"] = "0.0.9 (git 0000000)"
+    with open(tmp_path / "cpu-t.json", "w") as f:
+        json.dump(earlier, f)
     out = _run(
         tmp_path,
         "--append",
@@ -197,6 +204,7 @@ def test_benchmark_runs_on_cpu(tmp_path):
     assert "--append" not in first and "--append" in second and second == out["meta"]["command"]
     md = (tmp_path / "cpu-t.md").read_text()
     assert "Commands, merged into this report" in md and md.index(first) < md.index(second)
+    assert "different flce versions (0.0.9 (git 0000000), " in md
 
 
 def test_failures_are_reported_not_hidden(tmp_path):
