@@ -565,81 +565,40 @@ TEST_P(CudaFused, MatchesReferenceAndCpu) {
 INSTANTIATE_TEST_SUITE_P(Cuda, CudaFused, ::testing::ValuesIn(cuda_params()),
                          [](const ::testing::TestParamInfo<CudaParam>& i) { return i.param.name; });
 
-// Seeded random problems with hand-made plans on the GPU, as FusedFuzz does on the CPU: sizes
-// off every tile, both strategies and backward orders, split forward rows, compact blocks. Half
-// the cases are 16-bit with the fused GEMMs' own options, aligned rows and D a multiple of 8, and
-// force the fused GEMMs (fused_logits always), so that on compute capability 9.0 they run on
-// blocks of random shapes (several CTA tiles, partial last ones, both kernel shapes); the others
-// mix every option on the cuBLASLt + row kernel path. Token-outer plans with 16-bit dW keep to
-// the planner's 2 token chunks (see FusedFuzz).
+// Seeded random problems with hand-made plans on the GPU (Fuzz in the harness), as FusedFuzz
+// does on the CPU. Half the cases are 16-bit with the fused GEMMs' own options, aligned rows and
+// D a multiple of 8, and force the fused GEMMs (fused_logits always), so that on compute
+// capability 9.0 they run on blocks of random shapes (several CTA tiles, partial last ones, D on
+// both sides of kFusedPingpongMaxHidden); the others mix every option on the cuBLASLt + row
+// kernel path.
 TEST(CudaFuzz, RandomPlansMatchReference) {
   SKIP_WITHOUT_DEVICE();
-  std::mt19937_64 rng(20261130);
-  const auto uni = [&](int64_t lo, int64_t hi) {
-    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
-  };
-  const auto coin = [&](double p) { return std::bernoulli_distribution(p)(rng); };
+  Fuzz fuzz(20261130);
+  const DType dtypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
   for (int iter = 0; iter < 40; ++iter) {
     Case c;
-    const bool fusable = coin(0.5);
-    c.n = uni(1, 300);
-    c.v = uni(2, 1100);
+    const bool fusable = fuzz.coin(0.5);
+    c.n = fuzz.uniform(1, 300);
+    c.v = fuzz.uniform(2, 1100);
     if (fusable) {
-      c.dtype = coin(0.5) ? DType::kBFloat16 : DType::kFloat16;
-      c.d = 8 * (coin(0.2) ? uni(257, 264) : uni(1, 16));  // some above kFusedPingpongMaxHidden
+      c.dtype = fuzz.coin(0.5) ? DType::kBFloat16 : DType::kFloat16;
+      c.d = 8 * (fuzz.coin(0.2) ? fuzz.uniform(257, 264) : fuzz.uniform(1, 16));
       fusable_options(c);
-      c.options.label_smoothing = coin(0.5) ? 0.05f : 0.0f;
-      c.options.z_loss = coin(0.5) ? 1e-3f : 0.0f;
+      c.options.label_smoothing = fuzz.coin(0.5) ? 0.05f : 0.0f;
+      c.options.z_loss = fuzz.coin(0.5) ? 1e-3f : 0.0f;
     } else {
-      const DType dtypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
-      c.dtype = dtypes[uni(0, 2)];
-      c.d = uni(1, 80);
-      c.bias = coin(0.3);
-      c.grad_bias = c.bias && coin(0.7);
-      c.class_weights = coin(0.3);
-      c.int32_labels = coin(0.3);
-      c.x_pad = coin(0.5) ? uni(1, 9) : 0;
-      c.options.label_smoothing = coin(0.3) ? 0.1f : 0.0f;
-      c.options.z_loss = coin(0.3) ? 1e-3f : 0.0f;
-      c.options.softcap = coin(0.3) ? 9.0f : 0.0f;
-      c.options.logit_scale = coin(0.3) ? 0.7f : 1.0f;
+      c.dtype = dtypes[fuzz.uniform(0, 2)];
+      c.d = fuzz.uniform(1, 80);
+      fuzz.mix_options(&c);
     }
-    c.ignore_fraction = coin(0.2) ? 0.0 : 0.15;
-    c.all_ignored = coin(0.05);
-    c.options.reduction = coin(0.5) ? Reduction::kMean : Reduction::kSum;
+    fuzz.mix_labels(&c);
     c.seed = 7000 + iter;
     PlanChoice choice;
     choice.manual = true;
-    Plan& p = choice.plan;
-    p.fused_logits = fusable ? FusedLogits::kAlways : FusedLogits::kAuto;
-    if (coin(0.4)) {
-      p.strategy = Strategy::kGradInForward;
-      p.forward_token_chunk = uni(1, c.n);
-      p.dw_group_tokens = coin(0.5) ? p.forward_token_chunk : c.n;
-      p.compact_forward_blocks = coin(0.5);
-    } else {
-      p.strategy = Strategy::kRecompute;
-      if (coin(0.2)) c.options.reduction = Reduction::kNone;
-      c.grad_lse = coin(0.2);
-      p.forward_token_chunk = uni(1, c.n);
-      p.forward_vocab_chunk = coin(0.3) ? uni(1, c.v) : 0;
-      p.compact_forward_blocks = coin(0.5);
-      p.compact_backward_blocks = coin(0.5);
-      p.backward_order = coin(0.5) ? BackwardOrder::kTokenOuter : BackwardOrder::kVocabOuter;
-      const bool rounded_dw =
-          p.backward_order == BackwardOrder::kTokenOuter && c.dtype != DType::kFloat32;
-      p.backward_token_chunk = uni(rounded_dw ? (c.n + 1) / 2 : 1, c.n);
-      p.backward_vocab_chunk = uni(1, c.v);
-    }
-    SCOPED_TRACE(
-        c.describe() + ", case " + std::to_string(iter) + ": " +
-        (p.strategy == Strategy::kGradInForward ? "gif" : "recompute") + " fwd " +
-        std::to_string(p.forward_token_chunk) + "x" + std::to_string(p.forward_vocab_chunk) +
-        " dw_group " + std::to_string(p.dw_group_tokens) + " bwd " +
-        std::to_string(p.backward_token_chunk) + "x" + std::to_string(p.backward_vocab_chunk) +
-        (p.backward_order == BackwardOrder::kTokenOuter ? " token_outer" : "") +
-        (p.compact_forward_blocks ? " compact_fwd" : "") +
-        (p.compact_backward_blocks ? " compact_bwd" : "") + (fusable ? " fused_always" : ""));
+    choice.plan = fuzz.plan_for(&c, 0.5);
+    choice.plan.fused_logits = fusable ? FusedLogits::kAlways : FusedLogits::kAuto;
+    SCOPED_TRACE(c.describe() + ", case " + std::to_string(iter) + ": " +
+                 describe_plan(choice.plan));
     const Inputs in = make_inputs(c);
     Outputs out;
     ASSERT_TRUE(run_fused_cuda(c, in, choice, &out));

@@ -381,4 +381,64 @@ void expect_matches_reference(const Case& c, const Inputs& in, const Outputs& ou
   if (c.grad_bias && c.bias) expect_close("db", out.db.to_double(), g.db, tol.grad);
 }
 
+int64_t Fuzz::uniform(int64_t lo, int64_t hi) {
+  return std::uniform_int_distribution<int64_t>(lo, hi)(rng_);
+}
+
+bool Fuzz::coin(double p) { return std::bernoulli_distribution(p)(rng_); }
+
+void Fuzz::mix_options(Case* c) {
+  c->bias = coin(0.3);
+  c->grad_bias = c->bias && coin(0.7);
+  c->class_weights = coin(0.3);
+  c->int32_labels = coin(0.3);
+  c->x_pad = coin(0.5) ? uniform(1, 9) : 0;
+  c->options.label_smoothing = coin(0.3) ? 0.1f : 0.0f;
+  c->options.z_loss = coin(0.3) ? 1e-3f : 0.0f;
+  c->options.softcap = coin(0.3) ? 9.0f : 0.0f;
+  c->options.logit_scale = coin(0.3) ? 0.7f : 1.0f;
+}
+
+void Fuzz::mix_labels(Case* c) {
+  c->ignore_fraction = coin(0.2) ? 0.0 : 0.15;
+  c->all_ignored = coin(0.05);
+  c->options.reduction = coin(0.5) ? Reduction::kMean : Reduction::kSum;
+}
+
+Plan Fuzz::plan_for(Case* c, double compact_p) {
+  Plan p;
+  if (coin(0.4)) {
+    p.strategy = Strategy::kGradInForward;
+    p.forward_token_chunk = uniform(1, c->n);
+    p.dw_group_tokens = coin(0.5) ? p.forward_token_chunk : c->n;
+    p.compact_forward_blocks = coin(compact_p);
+    return p;
+  }
+  p.strategy = Strategy::kRecompute;
+  if (coin(0.2)) c->options.reduction = Reduction::kNone;
+  c->grad_lse = coin(0.2);
+  p.forward_token_chunk = uniform(1, c->n);
+  p.forward_vocab_chunk = coin(0.35) ? uniform(1, c->v) : 0;
+  p.compact_forward_blocks = coin(compact_p);
+  p.compact_backward_blocks = coin(compact_p);
+  p.backward_order = coin(0.5) ? BackwardOrder::kTokenOuter : BackwardOrder::kVocabOuter;
+  const bool rounded_dw =
+      p.backward_order == BackwardOrder::kTokenOuter && c->dtype != DType::kFloat32;
+  p.backward_token_chunk = uniform(rounded_dw ? (c->n + 1) / 2 : 1, c->n);
+  p.backward_vocab_chunk = uniform(1, c->v);
+  return p;
+}
+
+std::string describe_plan(const Plan& p) {
+  std::ostringstream s;
+  s << (p.strategy == Strategy::kGradInForward ? "grad_in_forward" : "recompute") << " fwd "
+    << p.forward_token_chunk << "x" << p.forward_vocab_chunk << " dw_group " << p.dw_group_tokens
+    << " bwd " << p.backward_token_chunk << "x" << p.backward_vocab_chunk
+    << (p.backward_order == BackwardOrder::kTokenOuter ? " token_outer" : " vocab_outer")
+    << (p.compact_forward_blocks ? " compact_fwd" : "")
+    << (p.compact_backward_blocks ? " compact_bwd" : "") << " fused_logits "
+    << static_cast<int>(p.fused_logits);
+  return s.str();
+}
+
 }  // namespace flce::test

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -120,5 +121,31 @@ void expect_matches_reference(const Case& c, const Inputs& in, const Outputs& ou
 // Element-wise and norm-wise comparison of a whole tensor; every element must be finite.
 void expect_close(const std::string& what, const std::vector<double>& got,
                   const std::vector<double>& ref, double norm_rtol);
+
+// Seeded random cases and hand-made plans for the fuzz tests (FusedFuzz on the CPU, CudaFuzz).
+class Fuzz {
+ public:
+  explicit Fuzz(uint64_t seed) : rng_(seed) {}
+  int64_t uniform(int64_t lo, int64_t hi);  // in [lo, hi]
+  bool coin(double p);
+  // Every option at random: bias (and its gradient), class weights, int32 labels, padded x rows,
+  // label smoothing, z-loss, soft-cap, logit scale.
+  void mix_options(Case* c);
+  // Ignored labels (none, some or all) and reduction mean or sum.
+  void mix_labels(Case* c);
+  // A plan for c: either strategy, chunks from one row or column up to the whole problem, split
+  // forward rows, both backward orders, compact blocks with probability compact_p. A recompute
+  // plan may switch c to reduction none and a gradient through the LSE. Token-outer plans with
+  // 16-bit dW keep to the planner's 2 token chunks: dW is rounded once per chunk, and partial
+  // sums that cancel can then miss the tolerance at tiny D (3 chunks at D = 1 gave 7.6e-3
+  // against 3.9e-3).
+  Plan plan_for(Case* c, double compact_p);
+
+ private:
+  std::mt19937_64 rng_;
+};
+
+// The plan's strategy, chunks and flags in one line (for traces).
+std::string describe_plan(const Plan& p);
 
 }  // namespace flce::test
