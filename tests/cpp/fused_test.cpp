@@ -392,7 +392,7 @@ INSTANTIATE_TEST_SUITE_P(Cpu, Chunked, ::testing::ValuesIn(chunk_params()),
 // multiple of 8 half the time, where a 16-bit dx lends its memory to its accumulator), both
 // strategies and backward orders, chunks from one row or column up, split forward rows, the
 // compact blocks' fallback, and every option mixed. Each must match the float64 reference.
-// 19200 cases of other seeds passed when this was written.
+// 9600 cases from 12 other seeds passed when this was written.
 TEST(FusedFuzz, RandomPlansMatchReference) {
   Fuzz fuzz(20261129);
   const DType dtypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
