@@ -18,22 +18,13 @@ import flce
 from flce.bench import data
 from flce.bench.cli import gpu_slug
 from flce.bench.measure import PeakMemory, free_memory, time_runs
+from flce.bench.runner import floor_calls
 
 
 def floor_ms(x, w, iters):
-    x, w = x.detach(), w.detach()
-    z = torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
-    dx, dw = torch.empty_like(x), torch.empty_like(w)
-
-    def run():
-        torch.matmul(x, w.T, out=z)
-        torch.matmul(z, w, out=dx)
-        torch.matmul(z.T, x, out=dw)
-
-    run()
-    ms = time_runs(run, x.device, iters)
-    del z, dx, dw
-    return ms
+    _, step = floor_calls(x, w)
+    step()
+    return time_runs(step, x.device, iters)
 
 
 def main():

@@ -37,6 +37,7 @@ from . import anchors, data
 from .cli import _git_revision, _repo_root, gpu_slug
 from .measure import free_memory, time_runs
 from .methods import DEFAULT_RECOMPUTE_BUDGET
+from .runner import floor_calls
 
 STRATEGIES = ("auto", "recompute", "forward")
 
@@ -153,20 +154,6 @@ def _call(strategy: str, x, w, y) -> Callable[[], None]:
     return run
 
 
-def _floor(strategy: str, x, w) -> Callable[[], None]:
-    x, w = x.detach(), w.detach()
-    z = torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
-    dx, dw = torch.empty_like(x), torch.empty_like(w)
-
-    def run():
-        torch.matmul(x, w.T, out=z)
-        if strategy != "forward":
-            torch.matmul(z, w, out=dx)
-            torch.matmul(z.T, x, out=dw)
-
-    return run
-
-
 def section(
     shape: data.Shape,
     strategy: str,
@@ -177,10 +164,11 @@ def section(
     top: int,
 ) -> list[str]:
     x, w, y = data.make_inputs(shape, "lm", device, dtype, seed=0)
-    floor = _floor(strategy, x, w)
+    floor_forward, floor_step = floor_calls(x, w)
+    floor = floor_forward if strategy == "forward" else floor_step
     floor()
     floor_ms = time_runs(floor, device, iters)
-    del floor
+    del floor, floor_forward, floor_step
     free_memory(device)
     run = _call(strategy, x, w, y)
     run()

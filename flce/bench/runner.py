@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -124,23 +125,29 @@ def grad_bytes(shape: Shape, elem: int = 2) -> int:
     return (shape.num_tokens + shape.vocab_size) * shape.hidden_size * elem
 
 
+def floor_calls(x: torch.Tensor, w: torch.Tensor) -> tuple[Callable, Callable]:
+    """The floor's GEMMs into outputs allocated here: (forward: Z = x W^T; step: Z, then
+    dx = Z W and dW = Z^T x)."""
+    xd, wd = x.detach(), w.detach()
+    z = torch.empty(xd.shape[0], wd.shape[0], dtype=xd.dtype, device=xd.device)
+    dx, dw = torch.empty_like(xd), torch.empty_like(wd)
+
+    def forward():
+        torch.matmul(xd, wd.T, out=z)
+
+    def step():
+        torch.matmul(xd, wd.T, out=z)
+        torch.matmul(z, wd, out=dx)
+        torch.matmul(z.T, xd, out=dw)
+
+    return forward, step
+
+
 def measure_floor(shape: Shape, kind: str, x: torch.Tensor, w: torch.Tensor, s: Settings) -> dict:
     row = _base_row(shape, kind, "floor")
-    xd, wd = x.detach(), w.detach()
-    n, v, d = shape.num_tokens, shape.vocab_size, shape.hidden_size
     try:
         with PeakMemory(s.device) as mem:
-            z = torch.empty(n, v, dtype=x.dtype, device=x.device)
-            dx = torch.empty(n, d, dtype=x.dtype, device=x.device)
-            dw = torch.empty(v, d, dtype=x.dtype, device=x.device)
-
-        def forward():
-            torch.matmul(xd, wd.T, out=z)
-
-        def step():
-            torch.matmul(xd, wd.T, out=z)
-            torch.matmul(z, wd, out=dx)
-            torch.matmul(z.T, xd, out=dw)
+            forward, step = floor_calls(x, w)
 
         for _ in range(s.warmup):
             step()
