@@ -35,7 +35,7 @@ import flce
 
 from . import anchors, data
 from .cli import _git_revision, _repo_root, gpu_slug
-from .measure import free_memory, time_runs
+from .measure import PeakMemory, free_memory, time_runs
 from .methods import DEFAULT_RECOMPUTE_BUDGET
 from .runner import floor_calls
 
@@ -134,7 +134,7 @@ class ClockSampler:
         )
 
 
-def _call(strategy: str, x, w, y) -> Callable[[], None]:
+def _call(strategy: str, x, w, y, budget: int | None = None) -> Callable[[], None]:
     if strategy == "forward":
 
         def run():
@@ -145,6 +145,8 @@ def _call(strategy: str, x, w, y) -> Callable[[], None]:
     kwargs = {}
     if strategy == "recompute":
         kwargs = {"memory_budget": DEFAULT_RECOMPUTE_BUDGET, "strategy": "recompute"}
+    elif budget is not None:
+        kwargs = {"memory_budget": budget}
 
     def run():
         x.grad = None
@@ -152,6 +154,30 @@ def _call(strategy: str, x, w, y) -> Callable[[], None]:
         flce.linear_cross_entropy(x, w, y, **kwargs).backward()
 
     return run
+
+
+def _plan_summary(
+    shape: data.Shape, strategy: str, dtype: torch.dtype, device: torch.device, budget: int | None
+) -> str:
+    """The plan's strategy and chunks, as flce.plan gives them for this call."""
+    kwargs: dict = {
+        "needs_grad_x": strategy != "forward",
+        "needs_grad_weight": strategy != "forward",
+    }
+    if strategy == "recompute":
+        kwargs.update(memory_budget=DEFAULT_RECOMPUTE_BUDGET, strategy="recompute")
+    elif strategy == "auto" and budget is not None:
+        kwargs.update(memory_budget=budget)
+    q = flce.plan(shape.num_tokens, shape.vocab_size, shape.hidden_size, dtype, device, **kwargs)
+    keys = (
+        "strategy",
+        "forward_token_chunk",
+        "forward_vocab_chunk",
+        "backward_token_chunk",
+        "backward_vocab_chunk",
+        "dw_group_tokens",
+    )
+    return ", ".join(f"{k} {q[k]}" for k in keys)
 
 
 def section(
@@ -162,6 +188,7 @@ def section(
     iters: int,
     reps: int,
     top: int,
+    budget: int | None = None,
 ) -> list[str]:
     x, w, y = data.make_inputs(shape, "lm", device, dtype, seed=0)
     floor_forward, floor_step = floor_calls(x, w)
@@ -170,8 +197,10 @@ def section(
     floor_ms = time_runs(floor, device, iters)
     del floor, floor_forward, floor_step
     free_memory(device)
-    run = _call(strategy, x, w, y)
-    run()
+    run = _call(strategy, x, w, y, budget if strategy == "auto" else None)
+    x.grad = w.grad = None
+    with PeakMemory(device) as peak:
+        run()
     with ClockSampler(device) as clock:
         ms = time_runs(run, device, iters)
     on_gpu = device.type == "cuda"
@@ -187,11 +216,21 @@ def section(
     title = (
         f"## {shape.name} (N={shape.num_tokens}, V={shape.vocab_size}, "
         f"D={shape.hidden_size}), {strategy}"
+        + (
+            f" at a budget of {budget / 2**20:.0f} MiB"
+            if budget is not None and strategy == "auto"
+            else ""
+        )
     )
     summary = (
         f"{ms:.2f} ms per call, floor {floor_ms:.2f} ms ({ms / floor_ms:.2f}x); {what} "
         f"{busy:.2f} ms per call. {clock.describe()}."
     )
+    if peak.extra is not None:
+        # The gradients themselves are not extra: they are what any method returns.
+        grads = 0 if strategy == "forward" else (x.numel() + w.numel()) * x.element_size()
+        summary += f" Memory beyond the gradients: {(peak.extra - grads) / 2**20:.0f} MiB."
+    summary += f" Plan: {_plan_summary(shape, strategy, dtype, device, budget)}."
     header = (
         f"| {'kernel' if on_gpu else 'operator'} | ms per call | "
         f"{'launches' if on_gpu else 'calls'} per call | share |"
@@ -225,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=7, help="timed calls (median)")
     p.add_argument("--reps", type=int, default=3, help="profiled calls (averaged)")
     p.add_argument("--top", type=int, default=12, help="rows per table")
+    p.add_argument(
+        "--budgets-mib",
+        default="",
+        help="memory budgets of the auto strategy, comma-separated (default: flce's default)",
+    )
     p.add_argument("--out", default="build-bench")
     args = p.parse_args(argv)
     strategies = [s for s in args.strategies.split(",") if s]
@@ -257,11 +301,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.iters} calls, kernels: mean of {args.reps} profiled calls.",
         "",
     ]
+    try:
+        budgets = [int(float(b) * 2**20) for b in args.budgets_mib.split(",") if b] or [None]
+    except ValueError:
+        p.error(f"--budgets-mib: expected numbers, got {args.budgets_mib!r}")
     for shape in shapes:
         for strategy in strategies:
-            block = section(shape, strategy, device, dtype, args.iters, args.reps, args.top)
-            print("\n".join(block), flush=True)
-            lines += block
+            for budget in budgets if strategy == "auto" else [None]:
+                block = section(
+                    shape, strategy, device, dtype, args.iters, args.reps, args.top, budget
+                )
+                print("\n".join(block), flush=True)
+                lines += block
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{gpu_slug(gpu) if device.type == 'cuda' else 'cpu'}-kernels.md")
     with open(path, "w") as f:
