@@ -99,34 +99,13 @@ def extensions():
                          extra_compile_args={"cxx": cxx})]
 
 
-def build_ext_class():
-    from torch.utils.cpp_extension import BuildExtension, get_cxx_compiler
-
-    class Build(BuildExtension):
-        """Links with the C++ compiler that compiled the objects (torch's choice: $CXX, else c++).
-
-        setuptools links with the driver that built Python (sysconfig's LDSHARED). Where that is
-        another g++, the extension can carry that g++'s own copy of libstdc++ beside the one the
-        process has loaded, and the two copies' locale data disagree: formatting a number into an
-        error message then crashed the process instead of raising. Setting LDSHARED or
-        LDCXXSHARED keeps the user's choice."""
-
-        def build_extensions(self):
-            if self.compiler.compiler_type == "unix" and not (
-                os.environ.get("LDSHARED") or os.environ.get("LDCXXSHARED")
-            ):
-                cxx = get_cxx_compiler()
-                for attr in ("linker_so", "linker_so_cxx"):
-                    cmd = getattr(self.compiler, attr, None)
-                    if cmd:
-                        setattr(self.compiler, attr, [cxx] + list(cmd[1:]))
-            super().build_extensions()
-
-    return Build.with_options(use_ninja=True)
-
-
 def main():
-    setup(ext_modules=extensions(), cmdclass={"build_ext": build_ext_class()})
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        ext_modules=extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
 
 
 if __name__ == "__main__":
