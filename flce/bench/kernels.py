@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--budgets-mib",
         default="",
-        help="memory budgets of the auto strategy, comma-separated (default: flce's default)",
+        help="memory budgets of the auto strategy, comma-separated; 'default' (the default) is flce's",
     )
     p.add_argument("--out", default="build-bench")
     args = p.parse_args(argv)
@@ -302,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     try:
-        budgets = [int(float(b) * 2**20) for b in args.budgets_mib.split(",") if b] or [None]
+        budgets = [
+            None if b == "default" else int(float(b) * 2**20)
+            for b in args.budgets_mib.split(",")
+            if b
+        ] or [None]
     except ValueError:
         p.error(f"--budgets-mib: expected numbers, got {args.budgets_mib!r}")
     for shape in shapes:

@@ -694,6 +694,42 @@ TEST(CudaEdge, LargeVocabulary) {
   }
 }
 
+// Grad-in-forward compact blocks whose rows span several rounds of the pass that turns the fp16
+// terms into dZ (each thread loads 4 groups of 8 columns per round of 8192 columns, then takes
+// the rest of the row one group at a time): V = 20000 (2 rounds, then 3616 columns) and 20003 (a
+// last group of 3 columns); dZ in place per 48-row chunk with dW accumulated, or dZ of all tokens
+// kept.
+TEST(CudaEdge, GradInForwardTermsOnWideRows) {
+  SKIP_WITHOUT_DEVICE();
+  for (int64_t v : {int64_t(20000), int64_t(20003)}) {
+    for (DType t : {DType::kBFloat16, DType::kFloat16}) {
+      for (int64_t group : {int64_t(48), int64_t(70)}) {
+        Case c;
+        c.n = 70;
+        c.v = v;
+        c.d = 64;
+        c.dtype = t;
+        fusable_options(c);
+        c.options.reduction = Reduction::kSum;
+        c.seed = 77 + v + group;
+        SCOPED_TRACE(c.describe() + " dw_group_tokens " + std::to_string(group));
+        const Inputs in = make_inputs(c);
+        PlanChoice choice;
+        choice.strategy = Strategy::kGradInForward;
+        choice.manual = true;
+        choice.plan.strategy = Strategy::kGradInForward;
+        choice.plan.fused_logits = FusedLogits::kAlways;
+        choice.plan.compact_forward_blocks = true;
+        choice.plan.forward_token_chunk = 48;
+        choice.plan.dw_group_tokens = group;
+        Outputs out;
+        ASSERT_TRUE(run_fused_cuda(c, in, choice, &out));
+        expect_cuda_matches_reference(c, in, out);
+      }
+    }
+  }
+}
+
 // Rows far longer than one tile of the row kernels (100000 columns: a partial last tile; 262144
 // and 262148), with every option and metrics, then plain without metrics (the kernels skip the
 // metric sums): the statistics merged across tiles and threads against float64.

@@ -321,14 +321,15 @@ def test_kernel_table_runs_on_cpu(tmp_path):
 def test_kernel_table_at_given_budgets(tmp_path):
     # One auto section per budget, each naming the plan it ran: the smallest budget that fits
     # (3.1 MiB at this shape) takes the lean strategy, a large one computes the gradients in the
-    # forward.
+    # forward; "default" is flce's own budget.
     args = ["--device", "cpu", "--shape", TINY, "--iters", "2", "--reps", "2"]
-    args += ["--strategies", "auto", "--budgets-mib", "3.1,64", "--out", str(tmp_path)]
+    args += ["--strategies", "auto", "--budgets-mib", "3.1,64,default", "--out", str(tmp_path)]
     assert kernels.main(args) == 0
     sections = (tmp_path / "cpu-kernels.md").read_text().split("\n## ")[1:]
     assert [s.splitlines()[0] for s in sections] == [
         "tiny (N=67, V=1031, D=48), auto at a budget of 3 MiB",
         "tiny (N=67, V=1031, D=48), auto at a budget of 64 MiB",
+        "tiny (N=67, V=1031, D=48), auto",
     ]
     assert "Plan: strategy recompute," in sections[0]
     assert "Plan: strategy grad_in_forward," in sections[1]
