@@ -352,15 +352,10 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocksPerSm)
 // stored (m: the row's max over each kPartialStatsCols-column tile, in the tile's partial), now
 // that the row's LSE is known: p = e exp(m - lse), and dZ is affine in p (AffineLogitGrad: no bias,
 // soft-cap or class weights here). 2 bytes read and 2 written per logit, in place when dz aliases
-// tile_exp (each thread reads its columns before writing them). kVec: 8 columns per access, or 1
+// tile_exp (each thread reads its 8 columns before writing them). kVec: 8 columns per access, or 1
 // when a pointer or pitch is not 16-byte aligned.
-//
-// The pass is bound by memory bandwidth, so each thread loads kExpGradGroups groups of 8 columns
-// before it converts any: with one 16-byte load in flight per thread it moved 3.7 TB/s on an H200
-// (qwen-0.5b's blocks), below what the memory gives.
 constexpr int kExpGradThreads = 256;
 constexpr int kExpGradCols = 8;
-constexpr int kExpGradGroups = 4;
 static_assert(kPartialStatsCols % kExpGradCols == 0, "a group of columns lies in one tile");
 
 template <typename DzT, int kVec>
@@ -375,46 +370,24 @@ __global__ void __launch_bounds__(kExpGradThreads) rows_grad_from_exp_kernel(Row
   DzT* dz = static_cast<DzT*>(a.dz) + r * a.ldz;
   const RowState* partials = a.partials + r * a.partials_ld;
   const int64_t label = rg.label - a.col_offset;
-  // exp(m - lse) of the tile holding column c; 0 for a row with zero coefficients (no read of its
-  // terms matters then).
-  auto tile_scale = [&](int64_t c) {
-    return rg.zero ? 0.0f : softmax_exp(partials[c / kPartialStatsCols].max - rg.lse);
-  };
-  auto finish = [&](float(&v)[kExpGradCols], int64_t c0, float scale) {
-#pragma unroll
-    for (int i = 0; i < kExpGradCols; ++i) {
-      v[i] = grad(v[i] * scale);
-      if (c0 + i == label) v[i] -= grad.target_step;
-    }
-  };
-  constexpr int64_t kStride = static_cast<int64_t>(kExpGradThreads) * kExpGradCols;
-  int64_t c0 = static_cast<int64_t>(threadIdx.x) * kExpGradCols;
-  if constexpr (kVec == kExpGradCols) {
-    // Whole rounds: every group of every thread is 8 columns inside the row.
-    for (; c0 + (kExpGradGroups - 1) * kStride + kExpGradCols <= a.cols;
-         c0 += kExpGradGroups * kStride) {
-      float v[kExpGradGroups][kExpGradCols];
-#pragma unroll
-      for (int g = 0; g < kExpGradGroups; ++g)
-        load_vec<__half, kExpGradCols>(e + c0 + g * kStride, v[g]);
-#pragma unroll
-      for (int g = 0; g < kExpGradGroups; ++g) {
-        const int64_t c = c0 + g * kStride;
-        finish(v[g], c, tile_scale(c));
-        store_vec<DzT, kExpGradCols>(dz + c, v[g]);
-      }
-    }
-  }
-  // The rest of the row (all of it when kVec is 1), one group at a time.
-  for (; c0 < a.cols; c0 += kStride) {
+  for (int64_t c0 = static_cast<int64_t>(threadIdx.x) * kExpGradCols; c0 < a.cols;
+       c0 += static_cast<int64_t>(blockDim.x) * kExpGradCols) {
+    // exp(m - lse) of the group's tile; 0 for a row with zero coefficients (no read of its terms
+    // matters then).
+    const float tile_scale =
+        rg.zero ? 0.0f : softmax_exp(partials[c0 / kPartialStatsCols].max - rg.lse);
     const int n = a.cols - c0 < kExpGradCols ? static_cast<int>(a.cols - c0) : kExpGradCols;
-    float v[kExpGradCols] = {};
+    float v[kExpGradCols];
     if (kVec == kExpGradCols && n == kExpGradCols) {
       load_vec<__half, kExpGradCols>(e + c0, v);
     } else {
       for (int i = 0; i < n; ++i) v[i] = __half2float(e[c0 + i]);
     }
-    finish(v, c0, tile_scale(c0));
+#pragma unroll
+    for (int i = 0; i < kExpGradCols; ++i) {
+      v[i] = grad(v[i] * tile_scale);
+      if (c0 + i == label) v[i] -= grad.target_step;
+    }
     if (kVec == kExpGradCols && n == kExpGradCols) {
       store_vec<DzT, kExpGradCols>(dz + c0, v);
     } else {
