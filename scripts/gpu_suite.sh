@@ -41,10 +41,10 @@ for s in $STEPS; do
     sanitize)
       step memcheck timeout 400 compute-sanitizer --tool memcheck --error-exitcode 1 \
         build-gpu/flce_tests --gtest_filter='Cuda*:-*Huge*'
-      # cuBLAS's own kernels (nvjet_*, called for the reference GEMMs and the unfused path) are
-      # left out: racecheck reports shared-memory hazards inside them that are not ours to fix.
+      # Read the report by kernel: on an H200 (CUDA 13.0) racecheck also reports hazards inside
+      # cuBLAS's own nvjet_* kernels (the reference GEMMs, the unfused path); leaving them out with
+      # --kernel-name-exclude made the sanitizer fail ("failed to handle a hardware exception").
       step racecheck timeout 200 compute-sanitizer --tool racecheck --error-exitcode 1 \
-        --kernel-name-exclude kns=nvjet \
         build-gpu/flce_tests --gtest_filter='Cuda/CudaLogits.*:Cuda/CudaFused.*plain*:Cuda/CudaFused.*gif_compact*:Cuda/CudaFusedLogits.*' ;;
     bench-quick)
       step bench-quick python3 -m flce.bench --quick ;;
