@@ -7,12 +7,17 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <deque>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "cuda/cuda_check.h"
 
@@ -83,6 +88,44 @@ struct GemmKeyHash {
   }
 };
 
+// Measured algorithm choice (opt-in) --------------------------------------------------------
+//
+// cuBLASLt's heuristic ranks its algorithms without running them, and for flce's accumulating
+// GEMMs its first choice is often not the fastest: on an H200 (bench/accumulate_gemm_bench.cu),
+// grad-in-forward's dW GEMM at gemma2 took 3.64 ms with the first of its candidates and 3.17 ms
+// with the sixth (2048-token chunks; 2.63 against 1.86 ms at 1024). With the choice measured, the
+// first calls of a shape run the heuristic's top kTuneCandidates in turn, each between two CUDA
+// events that are read once they have completed (cudaEventQuery, never a wait); when every
+// candidate has kTuneTrials times, the shape keeps the one with the lowest median. No call
+// synchronizes, and a stream under graph capture runs the current choice and times nothing.
+// Off by default: while a shape is being measured its results may differ in the last bits from
+// call to call (the candidates sum in different orders), so those first calls are not bitwise
+// reproducible.
+constexpr int kTuneCandidates = 8;
+constexpr int kTuneTrials = 3;
+
+std::atomic<bool>& tuning_switch() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("FLCE_GEMM_TUNING");
+    return v != nullptr && std::string(v) == "1";
+  }()};
+  return on;
+}
+
+struct Trial {
+  int candidate = 0;
+  cudaEvent_t start = nullptr, stop = nullptr;
+};
+
+struct Tuning {
+  std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's order; [0] is its choice
+  std::vector<std::vector<float>> ms;            // completed trials per candidate
+  std::vector<int> launched;                     // trials launched per candidate
+  std::deque<Trial> pending;                     // launched, not yet read, in launch order
+  std::vector<cudaEvent_t> spare;                // events of read trials, for reuse
+  bool settled = false;
+};
+
 // Descriptors and algorithm of one shape. Cached entries are never destroyed: they live as long
 // as the process, because destroying them from static destructors may run after the CUDA context
 // is gone.
@@ -92,6 +135,7 @@ struct GemmEntry {
   cublasLtMatrixLayout_t b = nullptr;  // cuBLASLt's second operand (our A)
   cublasLtMatrixLayout_t c = nullptr;  // C and D
   cublasLtMatmulAlgo_t algo{};
+  std::shared_ptr<Tuning> tuning;  // while (and after) the algorithm is measured; else null
 };
 
 void destroy_entry(GemmEntry& e) {
@@ -177,10 +221,12 @@ Status build_entry(cublasLtHandle_t handle, const GemmKey& key, GemmEntry* out) 
   FLCE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
       b.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_c, sizeof(key.align_c)));
 
-  cublasLtMatmulHeuristicResult_t result{};
+  const bool tune = tuning_switch().load();
+  std::vector<cublasLtMatmulHeuristicResult_t> results(tune ? kTuneCandidates : 1);
   int returned = 0;
   FLCE_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, b.e.desc, b.e.a, b.e.b, b.e.c, b.e.c,
-                                                   b.pref, 1, &result, &returned));
+                                                   b.pref, static_cast<int>(results.size()),
+                                                   results.data(), &returned));
   if (returned == 0) {
     return Status::Error(StatusCode::kBackendError,
                          "cuBLASLt has no algorithm for the GEMM m=" + std::to_string(key.m) +
@@ -190,10 +236,112 @@ Status build_entry(cublasLtHandle_t handle, const GemmKey& key, GemmEntry* out) 
                              " c " + dtype_name(key.c_type) + (key.trans_a ? " trans_a" : "") +
                              (key.trans_b ? " trans_b" : ""));
   }
-  b.e.algo = result.algo;
+  b.e.algo = results[0].algo;
+  if (tune) {
+    auto t = std::make_shared<Tuning>();
+    for (int i = 0; i < returned; ++i) t->candidates.push_back(results[i].algo);
+    t->ms.resize(returned);
+    t->launched.assign(returned, 0);
+    b.e.tuning = std::move(t);
+  }
   b.keep = true;
   *out = b.e;
   return Status::Ok();
+}
+
+float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+Status take_event(Tuning& t, cudaEvent_t* out) {
+  if (!t.spare.empty()) {
+    *out = t.spare.back();
+    t.spare.pop_back();
+    return Status::Ok();
+  }
+  FLCE_CUDA_CHECK(cudaEventCreate(out));
+  return Status::Ok();
+}
+
+// Reads the trials that have completed, oldest first, and settles the entry's algorithm once
+// every candidate has kTuneTrials times.
+Status collect_trials(GemmEntry& e) {
+  Tuning& t = *e.tuning;
+  while (!t.pending.empty()) {
+    const Trial tr = t.pending.front();
+    const cudaError_t q = cudaEventQuery(tr.stop);
+    if (q == cudaErrorNotReady) {
+      // Not an error, but the runtime may keep it as the thread's last error.
+      if (cudaPeekAtLastError() == cudaErrorNotReady) (void)cudaGetLastError();
+      break;
+    }
+    FLCE_CUDA_CHECK(q);
+    float ms = 0.0f;
+    FLCE_CUDA_CHECK(cudaEventElapsedTime(&ms, tr.start, tr.stop));
+    t.ms[tr.candidate].push_back(ms);
+    t.spare.push_back(tr.start);
+    t.spare.push_back(tr.stop);
+    t.pending.pop_front();
+  }
+  size_t best = 0;
+  float best_ms = std::numeric_limits<float>::infinity();
+  for (size_t i = 0; i < t.ms.size(); ++i) {
+    if (t.ms[i].size() < static_cast<size_t>(kTuneTrials)) return Status::Ok();
+    const float m = median(t.ms[i]);
+    if (m < best_ms) {
+      best_ms = m;
+      best = i;
+    }
+  }
+  e.algo = t.candidates[best];
+  t.settled = true;
+  for (cudaEvent_t ev : t.spare) cudaEventDestroy(ev);
+  t.spare.clear();
+  return Status::Ok();
+}
+
+// One call of a shape whose algorithm is being measured (the cache's lock held): the candidate
+// with the fewest trials so far runs between two events, so that the candidates take turns and
+// meet alike clock states; a candidate that fails to launch is dropped and the call runs the
+// heuristic's choice.
+template <class Launch>
+Status measured_call(GemmEntry& e, cudaStream_t stream, const Launch& launch) {
+  FLCE_CUDA_RETURN_IF_ERROR(collect_trials(e));
+  Tuning& t = *e.tuning;
+  const auto next = std::min_element(t.launched.begin(), t.launched.end());
+  if (t.settled || next == t.launched.end() || *next >= kTuneTrials) {
+    FLCE_CUBLAS_CHECK(launch(e.algo));  // settled, or every trial launched and some unread
+    return Status::Ok();
+  }
+  const int c = static_cast<int>(next - t.launched.begin());
+  Trial tr;
+  tr.candidate = c;
+  FLCE_CUDA_RETURN_IF_ERROR(take_event(t, &tr.start));
+  FLCE_CUDA_RETURN_IF_ERROR(take_event(t, &tr.stop));
+  FLCE_CUDA_CHECK(cudaEventRecord(tr.start, stream));
+  if (launch(t.candidates[c]) != CUBLAS_STATUS_SUCCESS) {
+    t.launched[c] = kTuneTrials;
+    t.ms[c].assign(kTuneTrials, std::numeric_limits<float>::infinity());
+    t.spare.push_back(tr.start);
+    t.spare.push_back(tr.stop);
+    FLCE_CUBLAS_CHECK(launch(e.algo));
+    return Status::Ok();
+  }
+  FLCE_CUDA_CHECK(cudaEventRecord(tr.stop, stream));
+  ++t.launched[c];
+  t.pending.push_back(tr);
+  return Status::Ok();
+}
+
+// Whether `stream` is capturing a CUDA graph (or cannot tell: then no trial is timed either).
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;
+  }
+  return status != cudaStreamCaptureStatusNone;
 }
 
 Status check_args(const GemmArgs& g) {
@@ -262,28 +410,52 @@ Status cublaslt_gemm(const GemmArgs& g, cudaStream_t stream, void* workspace,
 
   DeviceState* state = nullptr;
   FLCE_CUDA_RETURN_IF_ERROR(device_state(key.device, &state));
+  const float alpha = g.alpha, beta = g.beta;
   GemmEntry entry;
+  auto launch = [&](const GemmEntry& e, const cublasLtMatmulAlgo_t& algo) {
+    return cublasLtMatmul(state->handle, e.desc, &alpha, g.b, e.a, g.a, e.b, &beta, g.c, e.c, g.c,
+                          e.c, &algo, workspace, workspace_bytes, stream);
+  };
   bool cached = true;
   {
     std::lock_guard<std::mutex> lock(state->mu);
     auto it = state->cache.find(key);
-    if (it != state->cache.end()) {
-      entry = it->second;
-    } else {
+    if (it == state->cache.end()) {
       FLCE_CUDA_RETURN_IF_ERROR(build_entry(state->handle, key, &entry));
       if (state->cache.size() < kMaxCachedShapes) {
-        state->cache.emplace(key, entry);
+        it = state->cache.emplace(key, entry).first;
       } else {
         cached = false;
       }
     }
+    if (cached) {
+      GemmEntry& e = it->second;
+      if (e.tuning && !e.tuning->settled && !capturing(stream)) {
+        return measured_call(e, stream,
+                             [&](const cublasLtMatmulAlgo_t& algo) { return launch(e, algo); });
+      }
+      entry = e;
+    }
   }
-  const float alpha = g.alpha, beta = g.beta;
-  const cublasStatus_t st =
-      cublasLtMatmul(state->handle, entry.desc, &alpha, g.b, entry.a, g.a, entry.b, &beta, g.c,
-                     entry.c, g.c, entry.c, &entry.algo, workspace, workspace_bytes, stream);
+  const cublasStatus_t st = launch(entry, entry.algo);
   if (!cached) destroy_entry(entry);
   FLCE_CUBLAS_CHECK(st);
+  return Status::Ok();
+}
+
+void set_cublaslt_tuning(bool on) { tuning_switch().store(on); }
+
+bool cublaslt_tuning() { return tuning_switch().load(); }
+
+Status cublaslt_tuning_counts(int device, CublasLtTuningCounts* out) {
+  DeviceState* state = nullptr;
+  FLCE_CUDA_RETURN_IF_ERROR(device_state(device, &state));
+  std::lock_guard<std::mutex> lock(state->mu);
+  *out = CublasLtTuningCounts();
+  for (const auto& kv : state->cache) {
+    if (!kv.second.tuning) continue;
+    ++(kv.second.tuning->settled ? out->settled : out->measuring);
+  }
   return Status::Ok();
 }
 

@@ -24,4 +24,17 @@ constexpr size_t kMinCublasLtWorkspaceBytes = size_t(4) << 20;
 Status cublaslt_gemm(const GemmArgs& args, cudaStream_t stream, void* workspace,
                      size_t workspace_bytes, bool allow_tf32);
 
+// Measured algorithm choice (cublaslt_gemm.cpp says how): shapes first seen while it is on time
+// the heuristic's top candidates on their first calls and keep the fastest. Off unless the
+// environment has FLCE_GEMM_TUNING=1 when the first GEMM runs, or set_cublaslt_tuning(true).
+void set_cublaslt_tuning(bool on);
+bool cublaslt_tuning();
+
+// Cached shapes of `device` whose algorithm is being measured, and those that settled on one.
+struct CublasLtTuningCounts {
+  size_t measuring = 0;
+  size_t settled = 0;
+};
+Status cublaslt_tuning_counts(int device, CublasLtTuningCounts* out);
+
 }  // namespace flce::detail::cuda

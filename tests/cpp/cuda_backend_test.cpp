@@ -27,6 +27,7 @@
 #include "core/backend.h"
 #include "core/backends.h"
 #include "core/workspace.h"
+#include "cuda/cublaslt_gemm.h"
 #include "cuda/fused_logits.h"
 #include "harness.h"
 #include "reference.h"
@@ -692,6 +693,118 @@ TEST(CudaEdge, LargeVocabulary) {
       expect_matches_cpu(c, in, choice, out);
     }
   }
+}
+
+// The measured algorithm choice of the cuBLASLt GEMMs (cublaslt_gemm.cpp), turned on for this
+// test: a new shape's first calls take turns among cuBLASLt's candidates and each still writes
+// the whole product, the shape settles once its trials have been read, and a stream under graph
+// capture times nothing. The operands are multiples of 1/64 and K is small enough that every
+// partial sum is exact in fp32, so every candidate, in any summation order, must give the exact
+// product.
+TEST(CudaGemm, MeasuredAlgorithmChoice) {
+  SKIP_WITHOUT_DEVICE();
+  namespace cu = detail::cuda;
+  struct Restore {
+    bool was = cu::cublaslt_tuning();
+    ~Restore() { cu::set_cublaslt_tuning(was); }
+  } restore;
+  cu::set_cublaslt_tuning(true);
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  cu::CublasLtTuningCounts before, after;
+  ASSERT_TRUE(cu::cublaslt_tuning_counts(device, &before).ok());
+
+  auto bf16_bits = [](float f) {
+    uint32_t u = 0;
+    std::memcpy(&u, &f, sizeof(u));
+    return static_cast<uint16_t>(u >> 16);  // exact: the values need at most 8 significant bits
+  };
+  auto value = [](size_t i) {
+    return static_cast<float>(static_cast<int>((i * 37) % 129) - 64) / 64.0f;
+  };
+  const DeviceBuffer ws(cu::kCublasLtWorkspaceBytes);
+  // One GEMM shape (m, n, k: none another test uses) with its operands, output and exact product.
+  struct Problem {
+    detail::GemmArgs g;
+    DeviceBuffer a, b, c;
+    std::vector<float> want;
+  };
+  auto make = [&](int64_t m, int64_t n, int64_t k) {
+    auto p = std::make_unique<Problem>();
+    std::vector<uint16_t> ha(m * k), hb(k * n);
+    std::vector<double> fa(m * k), fb(k * n);
+    for (size_t i = 0; i < ha.size(); ++i) ha[i] = bf16_bits(static_cast<float>(fa[i] = value(i)));
+    for (size_t i = 0; i < hb.size(); ++i)
+      hb[i] = bf16_bits(static_cast<float>(fb[i] = value(i + 7)));
+    p->want.assign(m * n, 0.0f);
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t col = 0; col < n; ++col) {
+        double acc = 0.0;
+        for (int64_t j = 0; j < k; ++j) acc += fa[r * k + j] * fb[j * n + col];
+        p->want[r * n + col] = static_cast<float>(acc);
+      }
+    }
+    p->a = DeviceBuffer(ha.size() * 2);
+    p->b = DeviceBuffer(hb.size() * 2);
+    p->c = DeviceBuffer(p->want.size() * 4);
+    p->a.upload(ha.data(), ha.size() * 2);
+    p->b.upload(hb.data(), hb.size() * 2);
+    p->g.m = m;
+    p->g.n = n;
+    p->g.k = k;
+    p->g.a = p->a.get();
+    p->g.lda = k;
+    p->g.a_type = DType::kBFloat16;
+    p->g.b = p->b.get();
+    p->g.ldb = n;
+    p->g.b_type = DType::kBFloat16;
+    p->g.c = p->c.get();
+    p->g.ldc = n;
+    p->g.c_type = DType::kFloat32;
+    return p;
+  };
+  auto expect_exact = [](const Problem& p, const std::string& what) {
+    std::vector<float> got(p.want.size());
+    p.c.download(got.data(), got.size() * 4);
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_EQ(got[i], p.want[i]) << what << ", element " << i;
+    }
+  };
+
+  const auto p = make(515, 333, 1201);
+  for (int call = 0; call < 40; ++call) {
+    p->c.poison();  // NaN: beta = 0 must write every element
+    ASSERT_TRUE(cu::cublaslt_gemm(p->g, nullptr, ws.get(), ws.bytes(), false).ok());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    expect_exact(*p, "call " + std::to_string(call));
+  }
+  ASSERT_TRUE(cu::cublaslt_tuning_counts(device, &after).ok());
+  EXPECT_EQ(after.settled, before.settled + 1);  // 8 candidates x 3 trials fit in 40 calls
+  EXPECT_EQ(after.measuring, before.measuring);
+
+  // A second new shape: one measured call, then a captured one, which runs the heuristic's
+  // choice untimed (the shape is still being measured afterwards).
+  const auto q = make(517, 331, 1203);
+  ASSERT_TRUE(cu::cublaslt_gemm(q->g, nullptr, ws.get(), ws.bytes(), false).ok());
+  cudaStream_t stream = nullptr;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaDeviceSynchronize());
+  q->c.poison();
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  const Status st = cu::cublaslt_gemm(q->g, stream, ws.get(), ws.bytes(), false);
+  CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  ASSERT_TRUE(st.ok()) << st.message;
+  CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  expect_exact(*q, "graph replay");
+  CUDA_CHECK(cudaGraphExecDestroy(exec));
+  CUDA_CHECK(cudaGraphDestroy(graph));
+  CUDA_CHECK(cudaStreamDestroy(stream));
+  ASSERT_TRUE(cu::cublaslt_tuning_counts(device, &after).ok());
+  EXPECT_EQ(after.measuring, before.measuring + 1);
 }
 
 // Grad-in-forward compact blocks whose rows span several rounds of the pass that turns the fp16
