@@ -220,6 +220,9 @@ def collect_meta(args, device: torch.device, argv: list[str]) -> dict:
         "dtype": "bfloat16",
         "reduction": "mean",
         "ignored_fraction": 0.1,
+        # flce's switches read from the environment (FLCE_GEMM_TUNING, ...) change what is
+        # measured, so the report names them.
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FLCE_")},
     }
 
 

@@ -62,6 +62,9 @@ def markdown(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
             + ", then ".join(f"`{c}`" for c in commands),
             "",
         ]
+    env = meta.get("environment") or {}
+    if env:
+        out += ["Environment: " + ", ".join(f"`{k}={v}`" for k, v in env.items()) + ".", ""]
     flce_versions = sorted({r["versions"]["flce"] for r in rows if "flce" in r.get("versions", {})})
     if len(flce_versions) > 1:
         out += [

@@ -207,6 +207,15 @@ def test_benchmark_runs_on_cpu(tmp_path):
     assert "different flce versions (0.0.9 (git 0000000), " in md
 
 
+def test_report_names_flce_environment(tmp_path, monkeypatch):
+    # flce's environment switches change what is measured (FLCE_GEMM_TUNING), so the JSON and
+    # the report name them.
+    monkeypatch.setenv("FLCE_GEMM_TUNING", "1")
+    out = _run(tmp_path, "--methods", "floor", "--scaling-n", "none", "--no-forward-only")
+    assert out["meta"]["environment"]["FLCE_GEMM_TUNING"] == "1"
+    assert "`FLCE_GEMM_TUNING=1`" in (tmp_path / "cpu-t.md").read_text()
+
+
 def test_failures_are_reported_not_hidden(tmp_path):
     # A budget far too small for any plan: flce must fail with its message, the run go on.
     out = _run(
