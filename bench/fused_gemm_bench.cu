@@ -16,6 +16,7 @@
 
 #include "core/backend.h"
 #include "cuda/fused_logits.h"
+#include "gemm_bench_common.cuh"
 
 namespace {
 
@@ -24,33 +25,6 @@ using flce::detail::LogitsOperands;
 using flce::detail::RowForwardArgs;
 using flce::detail::RowGradArgs;
 using flce::detail::RowState;
-
-#define CHECK_CUDA(call)                                                      \
-  do {                                                                        \
-    cudaError_t e_ = (call);                                                  \
-    if (e_ != cudaSuccess) {                                                  \
-      std::fprintf(stderr, "%s failed: %s\n", #call, cudaGetErrorString(e_)); \
-      std::exit(1);                                                           \
-    }                                                                         \
-  } while (0)
-
-template <class F>
-float time_ms(F&& launch, int iters = 5) {
-  launch();
-  CHECK_CUDA(cudaDeviceSynchronize());
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  CHECK_CUDA(cudaEventRecord(start));
-  for (int i = 0; i < iters; ++i) launch();
-  CHECK_CUDA(cudaEventRecord(stop));
-  CHECK_CUDA(cudaEventSynchronize(stop));
-  float ms = 0.0f;
-  CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-  CHECK_CUDA(cudaEventDestroy(start));
-  CHECK_CUDA(cudaEventDestroy(stop));
-  return ms / iters;
-}
 
 // Values in [-scale, scale) from a multiplicative hash of the index.
 __global__ void fill_bf16(__nv_bfloat16* p, size_t n, float scale) {
