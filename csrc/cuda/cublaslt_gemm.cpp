@@ -271,12 +271,13 @@ Status collect_trials(GemmEntry& e) {
   while (!t.pending.empty()) {
     const Trial tr = t.pending.front();
     const cudaError_t q = cudaEventQuery(tr.stop);
-    if (q == cudaErrorNotReady) {
-      // Not an error, but the runtime may keep it as the thread's last error.
-      if (cudaPeekAtLastError() == cudaErrorNotReady) (void)cudaGetLastError();
+    if (q != cudaSuccess) {
+      // Not complete yet, or not answerable now (another thread capturing a graph in global
+      // mode): read it on a later call. The runtime may keep the answer as the thread's last
+      // error, which must not reach the next launch check.
+      if (cudaPeekAtLastError() == q) (void)cudaGetLastError();
       break;
     }
-    FLCE_CUDA_CHECK(q);
     float ms = 0.0f;
     FLCE_CUDA_CHECK(cudaEventElapsedTime(&ms, tr.start, tr.stop));
     t.ms[tr.candidate].push_back(ms);
