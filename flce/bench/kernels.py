@@ -24,8 +24,6 @@ import collections
 import datetime
 import os
 import re
-import statistics
-import threading
 from collections.abc import Callable
 
 import torch
@@ -35,7 +33,7 @@ import flce
 
 from . import anchors, data
 from .cli import _git_revision, _repo_root, gpu_slug
-from .measure import PeakMemory, free_memory, time_runs
+from .measure import ClockSampler, PeakMemory, free_memory, time_runs
 from .methods import DEFAULT_RECOMPUTE_BUDGET
 from .runner import floor_calls
 
@@ -85,53 +83,6 @@ def kernel_rows(events, on_gpu: bool, calls: int) -> list[tuple[str, float, floa
         count[label] += 1
     rows = [(k, total[k] / calls, count[k] / calls) for k in total]
     return sorted(rows, key=lambda r: -r[1])
-
-
-class ClockSampler:
-    """SM clock (MHz) and board power (W) sampled every `period_s` in a thread, where NVML
-    answers through torch.cuda (pynvml installed); `available` says whether it did."""
-
-    def __init__(self, device: torch.device, period_s: float = 0.02):
-        self.device, self.period_s = device, period_s
-        self.clocks: list[float] = []
-        self.watts: list[float] = []
-        self.available = False
-        if device.type == "cuda":
-            try:
-                torch.cuda.clock_rate(device)
-                torch.cuda.power_draw(device)
-                self.available = True
-            # No pynvml (ImportError), or NVML refused (pynvml.NVMLError, an Exception):
-            # report nothing rather than guess.
-            except Exception:  # noqa: BLE001
-                self.available = False
-        self._stop = threading.Event()
-        self._thread = None
-
-    def _run(self):
-        while not self._stop.wait(self.period_s):
-            self.clocks.append(float(torch.cuda.clock_rate(self.device)))
-            self.watts.append(torch.cuda.power_draw(self.device) / 1e3)
-
-    def __enter__(self):
-        if self.available:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-
-    def describe(self) -> str:
-        if not self.clocks:
-            return "SM clock and power: not available (NVML through pynvml)"
-        return (
-            f"SM clock {statistics.median(self.clocks):.0f} MHz "
-            f"(min {min(self.clocks):.0f}), board power {statistics.median(self.watts):.0f} W "
-            f"(max {max(self.watts):.0f}), medians of {len(self.clocks)} samples"
-        )
 
 
 def _call(strategy: str, x, w, y, budget: int | None = None) -> Callable[[], None]:

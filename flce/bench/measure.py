@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -91,3 +92,56 @@ def describe_error(e: BaseException, limit: int = 300) -> str:
     if len(text) > limit:
         text = text[:limit] + "..."
     return f"{type(e).__name__}: {text}"
+
+
+class ClockSampler:
+    """SM clock (MHz) and board power (W) sampled every `period_s` in a thread, where NVML
+    answers through torch.cuda (pynvml installed); `available` says whether it did."""
+
+    def __init__(self, device: torch.device, period_s: float = 0.02):
+        self.device, self.period_s = device, period_s
+        self.clocks: list[float] = []
+        self.watts: list[float] = []
+        self.available = False
+        if device.type == "cuda":
+            try:
+                torch.cuda.clock_rate(device)
+                torch.cuda.power_draw(device)
+                self.available = True
+            # No pynvml (ImportError), or NVML refused (pynvml.NVMLError, an Exception):
+            # report nothing rather than guess.
+            except Exception:  # noqa: BLE001
+                self.available = False
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _run(self):
+        while not self._stop.wait(self.period_s):
+            self.clocks.append(float(torch.cuda.clock_rate(self.device)))
+            self.watts.append(torch.cuda.power_draw(self.device) / 1e3)
+
+    def __enter__(self):
+        if self.available:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def describe(self) -> str:
+        if not self.clocks:
+            return "SM clock and power: not available (NVML through pynvml)"
+        return (
+            f"SM clock {statistics.median(self.clocks):.0f} MHz "
+            f"(min {min(self.clocks):.0f}), board power {statistics.median(self.watts):.0f} W "
+            f"(max {max(self.watts):.0f}), medians of {len(self.clocks)} samples"
+        )
+
+    def medians(self) -> tuple[float | None, float | None]:
+        """Median SM clock (MHz) and board power (W) of the samples, or None without any."""
+        if not self.clocks:
+            return None, None
+        return statistics.median(self.clocks), statistics.median(self.watts)

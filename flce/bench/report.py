@@ -116,27 +116,38 @@ def markdown(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
     for shape, kind in _cases(rows):
         case = [r for r in rows if r["shape"] == shape and r["kind"] == kind]
         r0 = case[0]
+        # The SM clock and board power during the fwd+bwd runs, where NVML answered: the board
+        # may be power-capped, so a ratio to the floor can hide a clock difference.
+        clocks = any(r.get("sm_clock_mhz") is not None for r in case)
         out += [
             f"## {shape}, {kind} data (N={r0['N']}, V={r0['V']}, D={r0['D']})",
             "",
             (
                 "| method | fwd ms | fwd+bwd ms | x floor | x compile | TFLOP/s | extra memory | "
                 "beyond grads | no_grad fwd ms | no_grad memory | loss err | dx err | dW err |"
+                + (" fwd+bwd SM clock, power |" if clocks else "")
             ),
-            "|---" * 13 + "|",
+            "|---" * (14 if clocks else 13) + "|",
         ]
         for r in case:
             if r["status"] != "ok":
-                out.append(f"| {r['method']} | {r['status']}: {r['error']} |" + " |" * 11)
+                out.append(
+                    f"| {r['method']} | {r['status']}: {r['error']} |"
+                    + " |" * (12 if clocks else 11)
+                )
                 continue
             tflops = "-" if r["tflops"] is None else f"{r['tflops']:.0f}"
+            clock = ""
+            if clocks:
+                mhz, watts = r.get("sm_clock_mhz"), r.get("power_w")
+                clock = " - |" if mhz is None else f" {mhz:.0f} MHz, {watts:.0f} W |"
             out.append(
                 f"| {r['method']} | {fmt_ms(r['fwd_ms'])} | {fmt_ms(r['fwd_bwd_ms'])} | "
                 f"{_ratio(r['ratio_floor'])} | {_ratio(r['ratio_compile'])} | {tflops} | "
                 f"{fmt_bytes(r['extra_bytes'])} | {fmt_bytes(r['extra_minus_grads_bytes'])} | "
                 f"{fmt_ms(r['fwd_only_ms'])} | {fmt_bytes(r['fwd_only_extra_bytes'])} | "
                 f"{fmt_err(r['loss_rel_err'])} | {fmt_err(r['dx_rel_err'])} | "
-                f"{fmt_err(r['dw_rel_err'])} |"
+                f"{fmt_err(r['dw_rel_err'])} |" + clock
             )
         out.append("")
     if scaling:

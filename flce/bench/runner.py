@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from .data import Shape, make_inputs
-from .measure import PeakMemory, describe_error, free_memory, is_oom, time_runs
+from .measure import ClockSampler, PeakMemory, describe_error, free_memory, is_oom, time_runs
 from .methods import (
     DEFAULT_RECOMPUTE_BUDGET,
     FLCE_METHODS,
@@ -118,6 +118,8 @@ def _base_row(shape: Shape, kind: str, name: str) -> dict:
         "loss_rel_err": None,
         "dx_rel_err": None,
         "dw_rel_err": None,
+        "sm_clock_mhz": None,
+        "power_w": None,
     }
 
 
@@ -143,6 +145,16 @@ def floor_calls(x: torch.Tensor, w: torch.Tensor) -> tuple[Callable, Callable]:
     return forward, step
 
 
+def _timed_with_clock(step, s: Settings, row: dict, before=None) -> float:
+    """time_runs of the fwd+bwd step, with the median SM clock and board power during it in the
+    row (None where NVML does not answer): the board may be power-capped, and a method that
+    draws more power runs at a lower clock than the floor it is compared with."""
+    with ClockSampler(s.device) as clock:
+        ms = time_runs(step, s.device, s.iters, before=before)
+    row["sm_clock_mhz"], row["power_w"] = clock.medians()
+    return ms
+
+
 def measure_floor(shape: Shape, kind: str, x: torch.Tensor, w: torch.Tensor, s: Settings) -> dict:
     row = _base_row(shape, kind, "floor")
     try:
@@ -152,7 +164,7 @@ def measure_floor(shape: Shape, kind: str, x: torch.Tensor, w: torch.Tensor, s: 
         for _ in range(s.warmup):
             step()
         row["fwd_ms"] = time_runs(forward, s.device, s.iters)
-        row["fwd_bwd_ms"] = time_runs(step, s.device, s.iters)
+        row["fwd_bwd_ms"] = _timed_with_clock(step, s, row)
         row["fwd_only_ms"] = row["fwd_ms"]
         row["extra_bytes"] = mem.extra
         row["fwd_only_extra_bytes"] = mem.extra
@@ -237,7 +249,7 @@ def measure_method(
         row["fwd_ms"] = time_runs(lambda: fn(x, w, y), s.device, s.iters)
         free_memory(s.device, collect=False)
         phase = "fwd+bwd"
-        row["fwd_bwd_ms"] = time_runs(step, s.device, s.iters, before=clear)
+        row["fwd_bwd_ms"] = _timed_with_clock(step, s, row, before=clear)
         clear()
         free_memory(s.device, collect=False)
 

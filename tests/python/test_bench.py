@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flce.bench import cli, data, kernels
+from flce.bench import cli, data, kernels, measure, report
 from flce.bench.reference import reference, relative_error
 
 TINY = "tiny:67:1031:48"  # no dimension a multiple of 8
@@ -214,6 +214,21 @@ def test_report_names_flce_environment(tmp_path, monkeypatch):
     out = _run(tmp_path, "--methods", "floor", "--scaling-n", "none", "--no-forward-only")
     assert out["meta"]["environment"]["FLCE_GEMM_TUNING"] == "1"
     assert "`FLCE_GEMM_TUNING=1`" in (tmp_path / "cpu-t.md").read_text()
+
+
+def test_report_shows_clock_where_measured(tmp_path):
+    # On the CPU no clock is sampled: the rows say so and the table has no clock column. Where
+    # NVML answered, the per-shape table gives the SM clock and board power of the fwd+bwd runs.
+    out = _run(tmp_path, "--methods", "floor,flce_auto", "--scaling-n", "none", "--no-forward-only")
+    assert all(r["sm_clock_mhz"] is None and r["power_w"] is None for r in out["results"])
+    assert "SM clock" not in (tmp_path / "cpu-t.md").read_text()
+    assert measure.ClockSampler(torch.device("cpu")).medians() == (None, None)
+    floor, auto = out["results"]
+    floor.update(sm_clock_mhz=1980.0, power_w=420.4)
+    auto.update(sm_clock_mhz=1635.0, power_w=512.6)
+    md = report.markdown(out["meta"], out["results"], [])
+    assert "| dW err | fwd+bwd SM clock, power |" in md
+    assert "| 1980 MHz, 420 W |" in md and "| 1635 MHz, 513 W |" in md
 
 
 def test_failures_are_reported_not_hidden(tmp_path):
