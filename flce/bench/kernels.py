@@ -35,7 +35,7 @@ from . import anchors, data
 from .cli import _git_revision, _repo_root, gpu_slug
 from .measure import ClockSampler, PeakMemory, free_memory, time_runs
 from .methods import DEFAULT_RECOMPUTE_BUDGET
-from .runner import floor_calls
+from .runner import floor_calls, grad_bytes
 
 STRATEGIES = ("auto", "recompute", "forward")
 
@@ -85,6 +85,14 @@ def kernel_rows(events, on_gpu: bool, calls: int) -> list[tuple[str, float, floa
     return sorted(rows, key=lambda r: -r[1])
 
 
+def _budget_kwargs(strategy: str, budget: int | None) -> dict:
+    """The memory budget (and strategy) flce is called with: recompute at the lean budget, auto at
+    `budget` (flce's default when None)."""
+    if strategy == "recompute":
+        return {"memory_budget": DEFAULT_RECOMPUTE_BUDGET, "strategy": "recompute"}
+    return {} if budget is None else {"memory_budget": budget}
+
+
 def _call(strategy: str, x, w, y, budget: int | None = None) -> Callable[[], None]:
     if strategy == "forward":
 
@@ -93,11 +101,7 @@ def _call(strategy: str, x, w, y, budget: int | None = None) -> Callable[[], Non
                 flce.linear_cross_entropy(x, w, y)
 
         return run
-    kwargs = {}
-    if strategy == "recompute":
-        kwargs = {"memory_budget": DEFAULT_RECOMPUTE_BUDGET, "strategy": "recompute"}
-    elif budget is not None:
-        kwargs = {"memory_budget": budget}
+    kwargs = _budget_kwargs(strategy, budget)
 
     def run():
         x.grad = None
@@ -111,14 +115,8 @@ def _plan_summary(
     shape: data.Shape, strategy: str, dtype: torch.dtype, device: torch.device, budget: int | None
 ) -> str:
     """The plan's strategy and chunks, as flce.plan gives them for this call."""
-    kwargs: dict = {
-        "needs_grad_x": strategy != "forward",
-        "needs_grad_weight": strategy != "forward",
-    }
-    if strategy == "recompute":
-        kwargs.update(memory_budget=DEFAULT_RECOMPUTE_BUDGET, strategy="recompute")
-    elif strategy == "auto" and budget is not None:
-        kwargs.update(memory_budget=budget)
+    kwargs = _budget_kwargs(strategy, budget)
+    kwargs.update(needs_grad_x=strategy != "forward", needs_grad_weight=strategy != "forward")
     q = flce.plan(shape.num_tokens, shape.vocab_size, shape.hidden_size, dtype, device, **kwargs)
     keys = (
         "strategy",
@@ -139,7 +137,7 @@ def section(
     iters: int,
     reps: int,
     top: int,
-    budget: int | None = None,
+    budget: int | None = None,  # auto only (main passes None for the other strategies)
 ) -> list[str]:
     x, w, y = data.make_inputs(shape, "lm", device, dtype, seed=0)
     floor_forward, floor_step = floor_calls(x, w)
@@ -148,7 +146,7 @@ def section(
     floor_ms = time_runs(floor, device, iters)
     del floor, floor_forward, floor_step
     free_memory(device)
-    run = _call(strategy, x, w, y, budget if strategy == "auto" else None)
+    run = _call(strategy, x, w, y, budget)
     x.grad = w.grad = None
     with PeakMemory(device) as peak:
         run()
@@ -167,11 +165,7 @@ def section(
     title = (
         f"## {shape.name} (N={shape.num_tokens}, V={shape.vocab_size}, "
         f"D={shape.hidden_size}), {strategy}"
-        + (
-            f" at a budget of {budget / 2**20:.0f} MiB"
-            if budget is not None and strategy == "auto"
-            else ""
-        )
+        + ("" if budget is None else f" at a budget of {budget / 2**20:.0f} MiB")
     )
     summary = (
         f"{ms:.2f} ms per call, floor {floor_ms:.2f} ms ({ms / floor_ms:.2f}x); {what} "
@@ -179,7 +173,7 @@ def section(
     )
     if peak.extra is not None:
         # The gradients themselves are not extra: they are what any method returns.
-        grads = 0 if strategy == "forward" else (x.numel() + w.numel()) * x.element_size()
+        grads = 0 if strategy == "forward" else grad_bytes(shape, x.element_size())
         summary += f" Memory beyond the gradients: {(peak.extra - grads) / 2**20:.0f} MiB."
     summary += f" Plan: {_plan_summary(shape, strategy, dtype, device, budget)}."
     header = (
