@@ -50,7 +50,8 @@ enum PlanField : int64_t {
   kPlanFusedLogits = 11,
   kPlanCompactBackwardBlocks = 12,
   kPlanCompactForwardBlocks = 13,
-  kPlanFields = 14,
+  kPlanShiftedTerms = 14,
+  kPlanFields = 15,
 };
 
 std::string shape_str(const at::Tensor& t) {
@@ -136,6 +137,9 @@ Plan to_plan(c10::IntArrayRef v) {
                     "plan: compact_forward_blocks must be 0 or 1, got ",
                     v[kPlanCompactForwardBlocks]);
   p.compact_forward_blocks = v[kPlanCompactForwardBlocks] == 1;
+  TORCH_CHECK_VALUE(v[kPlanShiftedTerms] <= 1, "plan: shifted_terms must be 0 or 1, got ",
+                    v[kPlanShiftedTerms]);
+  p.shifted_terms = v[kPlanShiftedTerms] == 1;
   return p;
 }
 
@@ -388,7 +392,8 @@ std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hid
           static_cast<int64_t>(plan.gemm_scratch_bytes),
           static_cast<int64_t>(plan.fused_logits),
           static_cast<int64_t>(plan.compact_backward_blocks),
-          static_cast<int64_t>(plan.compact_forward_blocks)};
+          static_cast<int64_t>(plan.compact_forward_blocks),
+          static_cast<int64_t>(plan.shifted_terms)};
 }
 
 int64_t default_memory_budget_op() { return static_cast<int64_t>(kDefaultMemoryBudget); }

@@ -32,6 +32,7 @@ PLAN_FIELDS = (
     "fused_logits",
     "compact_backward_blocks",
     "compact_forward_blocks",
+    "shifted_terms",
 )
 # flce::FusedLogits
 FUSED_LOGITS = {"off": 0, "auto": 1, "always": 2}

@@ -427,8 +427,9 @@ def plan(
     ("auto", "always" or "off") and whether the blocks are compact: forward blocks that hold only
     partial row statistics, or for grad_in_forward the fp16 terms that become dZ
     (compact_forward_blocks), and recompute backward blocks that hold only dZ
-    (compact_backward_blocks), where the fused GEMMs are expected to serve the call (see
-    flce::Plan). `softcap`, `class_weighted_smoothing` (class weights with label smoothing) and
+    (compact_backward_blocks), where the fused GEMMs are expected to serve the call, and
+    whether grad_in_forward's compact blocks keep row-shifted terms that the dx and dW GEMMs
+    read as they are (shifted_terms; see flce::Plan). `softcap`, `class_weighted_smoothing` (class weights with label smoothing) and
     `return_metrics` matter because the fused GEMMs do not serve them. Raises ValueError when the
     budget is too small (the message gives the minimum)."""
     for name, value in (
@@ -463,4 +464,5 @@ def plan(
     out["fused_logits"] = _ops.FUSED_LOGITS_NAMES[out["fused_logits"]]
     out["compact_backward_blocks"] = bool(out["compact_backward_blocks"])
     out["compact_forward_blocks"] = bool(out["compact_forward_blocks"])
+    out["shifted_terms"] = bool(out["shifted_terms"])
     return out

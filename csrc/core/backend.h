@@ -97,6 +97,12 @@ struct RowForwardArgs {
   // tile_exp turns it into dZ once the row's LSE is known: 2 bytes per logit instead of 4.
   void* tile_exp = nullptr;
   int64_t tile_exp_ld = 0;
+  // With tile_exp, row-shifted terms (Plan::shifted_terms): row r's terms are stored as
+  // exp(z - row_shift[r]) in every tile where tile_takes_row_shift(tile max, row_shift[r]) holds,
+  // else under the tile's max as above (-inf: always the tile's max). rows_forward then also
+  // writes each row's max to row_max[r] when it is set.
+  const float* row_shift = nullptr;
+  float* row_max = nullptr;
 };
 
 // Element-wise gradient of a [rows, cols] block of raw logits whose LSE is already known
@@ -150,6 +156,55 @@ struct LogitsOperands {
   int64_t rows = 0, cols = 0, hidden = 0;
 };
 
+// The row shifts of a block of row-shifted terms (Plan::shifted_terms): shift[r] = logit_scale *
+// x_r . W[label_r] + kShiftAboveLabel, or -inf where the label is ignored or out of range (its
+// tiles then take their own max).
+struct LabelShiftArgs {
+  const void* x = nullptr;  // [rows, hidden] at row row_offset, pitch ldx
+  int64_t ldx = 0;
+  const void* weight = nullptr;  // [vocab_size, hidden]
+  DType dtype = DType::kBFloat16;
+  int64_t rows = 0, hidden = 0, vocab_size = 0;
+  int64_t row_offset = 0;  // global index of row 0 (for labels)
+  const void* labels = nullptr;
+  IndexType label_type = IndexType::kInt64;
+  int64_t ignore_index = -100;
+  float logit_scale = 1.0f;
+  float* shift = nullptr;  // [rows]
+};
+
+// Turns a block of row-shifted terms (RowForwardArgs::row_shift) into what the dx and dW GEMMs
+// read, once the rows' LSE is known: per row (ShiftedRow), row_factor[r] = its factor, x16 = fp16
+// (factor * x_r), and the terms in place: the label's term for kept rows, every term for
+// rewritten rows. grad (a RowGradArgs of the block: labels, options, scalars, lse, tile_exp and
+// partials) gives each row's coefficients for an upstream gradient of 1, which the caller applies.
+struct ShiftedRowsArgs {
+  RowGradArgs grad;
+  const float* shift = nullptr;     // [rows]
+  const float* row_max = nullptr;   // [rows]
+  const float* target_z = nullptr;  // [rows]: the label's logit from the GEMM
+  const void* x = nullptr;          // the block's x [rows, hidden], pitch ldx
+  int64_t ldx = 0;
+  DType x_type = DType::kBFloat16;
+  int64_t hidden = 0;
+  float* row_factor = nullptr;  // [rows]
+  void* x16 = nullptr;          // fp16 [rows, hidden], pitch hidden
+};
+
+// dst[r, c] = src[r, c] * row_factor[r] * factor[0] in dst_type, for r < rows, c < cols (a null
+// factor counts as 1): conversions between fp32, bf16 and fp16 with optional device-side scaling.
+struct CastArgs {
+  const void* src = nullptr;
+  int64_t ld_src = 0;
+  DType src_type = DType::kFloat32;
+  void* dst = nullptr;
+  int64_t ld_dst = 0;
+  DType dst_type = DType::kFloat32;
+  int64_t rows = 0, cols = 0;
+  const float* row_factor = nullptr;  // [rows] or null
+  const float* factor = nullptr;      // [1] or null
+};
+
 // Reduces per-row losses and metrics into the outputs.
 struct FinalizeArgs {
   const float* row_loss = nullptr;     // [N]
@@ -195,6 +250,12 @@ class Backend {
   virtual bool fused_grad_pays(const LogitsOperands& /*op*/) const { return false; }
   virtual Status logits_stats(const LogitsOperands& op, const RowForwardArgs& args);
   virtual Status logits_grad(const LogitsOperands& op, const RowGradArgs& args);
+
+  // Row-shifted terms (Plan::shifted_terms), which only a backend with fused statistics GEMMs
+  // produces; the defaults fail.
+  virtual Status label_shift(const LabelShiftArgs& args);
+  virtual Status shifted_rows(const ShiftedRowsArgs& args);
+  virtual Status cast(const CastArgs& args);
 };
 
 // What the planner must know about a backend without constructing it.

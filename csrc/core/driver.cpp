@@ -29,6 +29,15 @@ Status Backend::logits_stats(const LogitsOperands&, const RowForwardArgs&) {
 Status Backend::logits_grad(const LogitsOperands&, const RowGradArgs&) {
   return Status::Error(StatusCode::kNotCompiled, "this backend has no fused logits GEMMs");
 }
+Status Backend::label_shift(const LabelShiftArgs&) {
+  return Status::Error(StatusCode::kNotCompiled, "this backend has no row-shifted terms");
+}
+Status Backend::shifted_rows(const ShiftedRowsArgs&) {
+  return Status::Error(StatusCode::kNotCompiled, "this backend has no row-shifted terms");
+}
+Status Backend::cast(const CastArgs&) {
+  return Status::Error(StatusCode::kNotCompiled, "this backend has no cast");
+}
 
 namespace {
 
@@ -474,6 +483,87 @@ Status finish_dx(Backend& be, const BackwardParams& p, const DxAccumulator& acc,
                     own_rows * d);
 }
 
+// Whether a call's options let grad-in-forward keep row-shifted terms (Plan::shifted_terms): dZ
+// must be a per-row multiple of p except at the label (no smoothing, class weights or soft-cap;
+// no bias, which the fused GEMM does not add).
+bool shifted_terms_serve(const ForwardParams& p) {
+  return p.options.label_smoothing == 0.0f && p.options.softcap == 0.0f &&
+         p.class_weight == nullptr && p.bias == nullptr && p.dtype != DType::kFloat32;
+}
+
+// One token chunk of grad-in-forward with row-shifted terms (rf: the chunk's row arguments with
+// its compact block carved; sl_base: the chunk buffers of ShiftedLayout sl; w16: W in fp16 for
+// the dx GEMM; g: the upstream factor, null for 1). The GEMMs read the fp16 terms as they are:
+// dx rows = g * factor * (e' W), dW += e'^T (factor * x), the dW factor g applied when the
+// accumulator is converted.
+Status shifted_chunk(Backend& be, const ForwardParams& p, const LogitsOperands& op,
+                     RowForwardArgs rf, char* sl_base, const ShiftedLayout& sl, const void* w16,
+                     const float* g, float* dw_accum) {
+  const int64_t rows = rf.rows, v = p.vocab_size, d = p.hidden_size;
+  float* shift = reinterpret_cast<float*>(sl_base + sl.shift);
+  float* row_max = reinterpret_cast<float*>(sl_base + sl.row_max);
+  float* row_factor = reinterpret_cast<float*>(sl_base + sl.row_factor);
+  void* x16 = sl_base + sl.x16;
+
+  LabelShiftArgs ls;
+  ls.x = op.x;
+  ls.ldx = op.ldx;
+  ls.weight = p.weight;
+  ls.dtype = p.dtype;
+  ls.rows = rows;
+  ls.hidden = d;
+  ls.vocab_size = v;
+  ls.row_offset = rf.row_offset;
+  ls.labels = p.labels;
+  ls.label_type = p.label_type;
+  ls.ignore_index = p.options.ignore_index;
+  ls.logit_scale = p.options.logit_scale;
+  ls.shift = shift;
+  FLCE_RETURN_IF_ERROR(be.label_shift(ls));
+
+  rf.row_shift = shift;
+  rf.row_max = row_max;
+  FLCE_RETURN_IF_ERROR(be.logits_stats(op, rf));
+  FLCE_RETURN_IF_ERROR(be.rows_forward(rf));
+
+  ShiftedRowsArgs sr;
+  sr.grad = grad_from_exp_args(rf, rf.tile_exp, rf.tile_exp_ld, DType::kFloat16);
+  sr.shift = shift;
+  sr.row_max = row_max;
+  sr.target_z = rf.target_z;
+  sr.x = op.x;
+  sr.ldx = op.ldx;
+  sr.x_type = p.dtype;
+  sr.hidden = d;
+  sr.row_factor = row_factor;
+  sr.x16 = x16;
+  FLCE_RETURN_IF_ERROR(be.shifted_rows(sr));
+
+  const void* terms = rf.tile_exp;
+  const int64_t ld = rf.tile_exp_ld;
+  if (p.grad_x) {
+    float* dx32 = reinterpret_cast<float*>(sl_base + sl.dx);
+    FLCE_RETURN_IF_ERROR(be.gemm(make_gemm(rows, d, v, {terms, ld, DType::kFloat16, false},
+                                           {w16, d, DType::kFloat16, false}, dx32, d,
+                                           DType::kFloat32, false)));
+    CastArgs c;
+    c.src = dx32;
+    c.ld_src = d;
+    c.src_type = DType::kFloat32;
+    c.dst = offset_ptr(p.grad_x, rf.row_offset * d, p.dtype);
+    c.ld_dst = d;
+    c.dst_type = p.dtype;
+    c.rows = rows;
+    c.cols = d;
+    c.row_factor = row_factor;
+    c.factor = g;
+    FLCE_RETURN_IF_ERROR(be.cast(c));
+  }
+  return be.gemm(make_gemm(v, d, rows, {terms, ld, DType::kFloat16, true},
+                           {x16, d, DType::kFloat16, false}, dw_accum, d, DType::kFloat32,
+                           rf.row_offset > 0));
+}
+
 }  // namespace
 
 Status run_forward(Device device, const ForwardParams& p) {
@@ -566,6 +656,29 @@ Status run_forward(Device device, const ForwardParams& p) {
   }
   RowCarry* carry = block_cols < v ? reinterpret_cast<RowCarry*>(at(ws, l.row_carry)) : nullptr;
   const bool in_place = dz_in_place(plan);
+  // Row-shifted terms where the plan and the call's options allow them. The dx GEMM reads W in
+  // fp16: W itself, or a copy in grad_weight's bytes, which hold nothing until the fp32 dW
+  // accumulator is converted into them at the end.
+  const bool shifted = gif_compact && shifted_terms(prob, plan) && shifted_terms_serve(p);
+  const ShiftedLayout shifted_l =
+      shifted ? shifted_layout(plan.forward_token_chunk, d, p.grad_x != nullptr) : ShiftedLayout{};
+  // The upstream factor of every row (mean: 1 / denominator), applied to dx and dW at the end.
+  const float* shifted_g =
+      p.options.reduction == Reduction::kMean ? scalars + kScalarInvDenominator : nullptr;
+  const void* w16 = p.weight;
+  if (shifted && p.grad_x && p.dtype != DType::kFloat16) {
+    CastArgs c;
+    c.src = p.weight;
+    c.ld_src = d;
+    c.src_type = p.dtype;
+    c.dst = p.grad_weight;
+    c.ld_dst = d;
+    c.dst_type = DType::kFloat16;
+    c.rows = v;
+    c.cols = d;
+    FLCE_RETURN_IF_ERROR(be->cast(c));
+    w16 = p.grad_weight;
+  }
 
   // Where dW accumulates: straight into the output when one group covers all tokens, else an
   // fp32 accumulator (the output itself when it is fp32).
@@ -614,6 +727,13 @@ Status run_forward(Device device, const ForwardParams& p) {
 
     RowForwardArgs rf = row_forward_args(p, rows, t0, scalars, row_loss, lse, row_metrics);
     const LogitsOperands op = logits_operands(p, x_chunk, rows, 0, v);
+    if (shifted) {
+      carve_gif_block(logits, rows, &rf);
+      FLCE_RETURN_IF_ERROR(shifted_chunk(*be, p, op, rf, static_cast<char*>(at(ws, l.shifted)),
+                                         shifted_l, w16, shifted_g,
+                                         static_cast<float*>(dw_target)));
+      continue;
+    }
     if (gif_compact) {
       carve_gif_block(logits, rows, &rf);
       FLCE_RETURN_IF_ERROR(be->logits_stats(op, rf));
@@ -674,7 +794,19 @@ Status run_forward(Device device, const ForwardParams& p) {
         FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_weight, v * d * dtype_size(p.dtype)));
       if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_bias, v * dtype_size(p.dtype)));
     } else {
-      if (p.grad_weight && l.dw_accum != kAbsent) {
+      if (p.grad_weight && shifted) {  // the accumulator still lacks the upstream factor
+        CastArgs c;
+        c.src = at(ws, l.dw_accum);
+        c.ld_src = d;
+        c.src_type = DType::kFloat32;
+        c.dst = p.grad_weight;
+        c.ld_dst = d;
+        c.dst_type = p.dtype;
+        c.rows = v;
+        c.cols = d;
+        c.factor = shifted_g;
+        FLCE_RETURN_IF_ERROR(be->cast(c));
+      } else if (p.grad_weight && l.dw_accum != kAbsent) {
         FLCE_RETURN_IF_ERROR(be->convert(reinterpret_cast<float*>(at(ws, l.dw_accum)),
                                          p.grad_weight, p.dtype, v * d));
       }

@@ -103,7 +103,9 @@ std::vector<Plan> grad_in_forward_candidates(const Problem& p, const BackendTrai
     out.push_back(plan);
   }
   // Then: dZ in place per chunk, dW accumulated in fp32 (8 V D bytes of traffic per chunk, so
-  // the largest chunk that fits).
+  // the largest chunk that fits). Compact blocks then keep row-shifted terms: no pass rewrites
+  // them as dZ (measured: bench/NOTES.md, version 10).
+  plan.shifted_terms = plan.compact_forward_blocks;
   for (int64_t c : descending(kMaxTokenChunk * 2, std::min<int64_t>(n, 256), n)) {
     plan.forward_token_chunk = c;
     plan.dw_group_tokens = c;

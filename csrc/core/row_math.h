@@ -239,6 +239,66 @@ struct AffineLogitGrad {
   FLCE_HD float operator()(float p) const { return fmaf(slope, p, offset); }
 };
 
+// Grad-in-forward with row-shifted terms (Plan::shifted_terms). The fused statistics GEMM stores
+// each term as e = fp16(exp(z - s)) with one shift s per row, known before the GEMM: the label's
+// logit (a dot product) plus kShiftAboveLabel. Then p = e exp(s - lse), so a row's dZ is
+// g * factor * e' with e' = e except at the label, one factor per row: dx and dW consume e' as it
+// is, the factor going to x (for dW) and to the fp32 dx rows. Measured in a float64 simulation
+// (bench/NOTES.md, version 10): dx and dW within 1.7e-3 of float64 against 2.5e-3 for dZ rounded
+// to bf16, because fp16 carries 3 more bits than bf16.
+//
+// The shift sits above the label's logit so that rows whose label is improbable (flat logits,
+// early training: p_label ~ 1 / V) keep a factor within fp16's range; 4 kept every row of the
+// simulation's flat data (logit std 1, uniform labels) and all but 3 of 1855 of its LM-like rows.
+constexpr float kShiftAboveLabel = 4.0f;
+// A tile whose max exceeds the row's shift by more than this stores its terms under its own max
+// (e^11 < 65504, fp16's largest value); its row is then rewritten (ShiftedRow::rewrite).
+constexpr float kShiftedTermMaxExponent = 11.0f;
+// Range a row's factor must lie in for its terms to be kept: the factor multiplies x in fp16, and
+// 1 / factor is the label's correction (e' at the label = exp(z_label - s) - step / factor).
+constexpr float kShiftedFactorMin = 1.0f / 65536.0f;  // 2^-16: fp16(factor * x) keeps ~9 bits
+constexpr float kShiftedValueMax = 32768.0f;          // 2^15: below fp16's largest value
+
+// Whether a tile (of a row with shift s) stores its terms under the row's shift: the same test in
+// the GEMM's epilogue and in the row kernel, on the same fp32 values.
+FLCE_HD bool tile_takes_row_shift(float tile_max, float row_shift) {
+  return tile_max - row_shift <= kShiftedTermMaxExponent;
+}
+
+// How one row's terms become dZ. dZ_c = g * factor * e'_c, where g is the upstream factor
+// (1 / denominator for the mean) and:
+//  - kept rows (rewrite false): e' = e, except at the label: e'_label = label_term;
+//  - rewritten rows: e'_c = (slope p_c - step [c == label]) / factor, factor a power of two <= 1;
+//  - rows with zero coefficients (ignored): factor 0.
+// x_absmax (the row's largest |x|) keeps fp16(factor * x) finite.
+struct ShiftedRow {
+  bool rewrite = false;
+  float factor = 0.0f;
+  float label_term = 0.0f;
+};
+
+FLCE_HD ShiftedRow shifted_row(float shift, float row_max, float lse, float z_target,
+                               const AffineLogitGrad& grad, bool zero, float x_absmax) {
+  ShiftedRow r;
+  if (zero) return r;
+  const float factor = grad.slope * softmax_exp(shift - lse);
+  const float correction = grad.target_step / factor;
+  const bool keep = tile_takes_row_shift(row_max, shift) && factor >= kShiftedFactorMin &&
+                    correction <= kShiftedValueMax && factor * x_absmax < kShiftedValueMax;
+  if (keep) {
+    r.factor = factor;
+    r.label_term = softmax_exp(z_target - shift) - correction;
+    return r;
+  }
+  // Rewritten: e' = dZ / (g factor) lies in [-step, slope] (times 1 / factor); factor < 1 only
+  // when x is so large that fp16(x) would overflow.
+  int exponent = 0;
+  frexpf(x_absmax, &exponent);  // x_absmax < 2^exponent
+  r.rewrite = true;
+  r.factor = ldexpf(1.0f, exponent > 14 ? 14 - exponent : 0);
+  return r;
+}
+
 // Upstream gradient of loss_i: grad_loss is [1] (mean/sum) or [N] (none); null means 1.
 FLCE_HD float row_upstream(Reduction reduction, const float* grad_loss, int64_t row,
                            float inv_denominator) {

@@ -40,6 +40,18 @@ size_t forward_block_bytes(const Problem& p, const Plan& plan) {
   return static_cast<size_t>(rows) * stats_row;
 }
 
+ShiftedLayout shifted_layout(int64_t rows, int64_t hidden, bool grad_x) {
+  ShiftedLayout l;
+  Carver c;
+  l.shift = c.take(f32(rows));
+  l.row_max = c.take(f32(rows));
+  l.row_factor = c.take(f32(rows));
+  l.x16 = c.take(static_cast<size_t>(rows) * hidden * 2);
+  if (grad_x) l.dx = c.take(f32(rows * hidden));
+  l.total = c.total();
+  return l;
+}
+
 ForwardLayout forward_layout(const Problem& p, const Plan& plan, const BackendTraits& traits) {
   ForwardLayout l;
   Carver c;
@@ -61,6 +73,9 @@ ForwardLayout forward_layout(const Problem& p, const Plan& plan, const BackendTr
     }
     if (needs_dw_accumulator(p, plan)) l.dw_accum = c.take(f32(v * d));
     if (p.needs_grad_bias) l.db_accum = c.take(f32(v));
+    if (shifted_terms(p, plan)) {
+      l.shifted = c.take(shifted_layout(plan.forward_token_chunk, d, p.needs_grad_x).total);
+    }
   }
   const size_t scratch = gemm_scratch_bytes(plan, traits);
   if (scratch > 0) l.gemm_scratch = c.take(scratch);

@@ -28,9 +28,21 @@ struct ForwardLayout {
   size_t dz_group = kAbsent;     // dz_type[dw_group_tokens, V] (when the group spans chunks)
   size_t dw_accum = kAbsent;     // float[V, D]
   size_t db_accum = kAbsent;     // float[V]
+  size_t shifted = kAbsent;      // ShiftedLayout of forward_token_chunk rows (shifted_terms)
   size_t gemm_scratch = kAbsent;
   size_t total = 0;
 };
+
+// The per-chunk buffers of row-shifted terms, as offsets from their region's start.
+struct ShiftedLayout {
+  size_t shift = kAbsent;       // float[rows]
+  size_t row_max = kAbsent;     // float[rows]
+  size_t row_factor = kAbsent;  // float[rows]
+  size_t x16 = kAbsent;         // fp16[rows, D]: factor * x, for dW
+  size_t dx = kAbsent;          // float[rows, D]: the dx GEMM's output before its row factors
+  size_t total = 0;
+};
+ShiftedLayout shifted_layout(int64_t rows, int64_t hidden, bool grad_x);
 
 struct BackwardLayout {
   size_t scalars = kAbsent;
@@ -84,6 +96,12 @@ inline size_t gemm_scratch_bytes(const Plan& plan, const BackendTraits& traits) 
 }
 inline bool needs_dw_accumulator(const Problem& p, const Plan& plan) {
   return p.needs_grad_weight && plan.dw_group_tokens < p.num_tokens && p.dtype != DType::kFloat32;
+}
+// Grad-in-forward compact blocks run with row-shifted terms (Plan::shifted_terms) where dW
+// accumulates in fp32: the dx GEMM's fp16 copy of W then lives in grad_weight's bytes, which hold
+// nothing until the accumulator is converted into them.
+inline bool shifted_terms(const Problem& p, const Plan& plan) {
+  return plan.shifted_terms && compact_gif(p, plan) && needs_dw_accumulator(p, plan);
 }
 // Compact backward blocks (Plan::compact_backward_blocks) store dZ rows at a pitch of a multiple
 // of 8 elements: the fused GEMM stores 16 bytes at a time.

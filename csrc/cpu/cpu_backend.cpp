@@ -33,6 +33,7 @@ class CpuBackend final : public Backend {
   Status scale(void* data, DType type, int64_t count, const float* factor) override {
     return cpu::scale(data, type, count, factor);
   }
+  Status cast(const CastArgs& args) override { return cpu::cast(args); }
 
  private:
   void* gemm_scratch_;

@@ -332,4 +332,22 @@ Status scale(void* data, DType type, int64_t count, const float* factor) {
   return Status::Ok();
 }
 
+Status cast(const CastArgs& a) {
+  if (a.rows == 0 || a.cols == 0) return Status::Ok();
+  if (a.rows < 0 || a.cols < 0 || a.ld_src < a.cols || a.ld_dst < a.cols || !a.src || !a.dst) {
+    return Status::Error(StatusCode::kInvalidArgument,
+                         "cast: need rows, cols >= 0, ld_src and ld_dst >= cols, src and dst");
+  }
+  const float f = a.factor != nullptr ? *a.factor : 1.0f;
+#pragma omp parallel for schedule(static) if (a.rows * a.cols > (int64_t(1) << 15))
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const float s = a.row_factor != nullptr ? a.row_factor[r] * f : f;
+    for (int64_t c = 0; c < a.cols; ++c) {
+      store_from_float(a.dst, a.dst_type, r * a.ld_dst + c,
+                       load_as_float(a.src, a.src_type, r * a.ld_src + c) * s);
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace flce::detail::cpu

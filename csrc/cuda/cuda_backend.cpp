@@ -70,6 +70,13 @@ class CudaBackend final : public Backend {
   Status logits_grad(const LogitsOperands& op, const RowGradArgs& args) override {
     return cuda::launch_logits_grad(op, args, stream_);
   }
+  Status label_shift(const LabelShiftArgs& args) override {
+    return cuda::launch_label_shift(args, stream_);
+  }
+  Status shifted_rows(const ShiftedRowsArgs& args) override {
+    return cuda::launch_shifted_rows(args, stream_);
+  }
+  Status cast(const CastArgs& args) override { return cuda::launch_cast(args, stream_); }
 
  private:
   cudaStream_t stream_;

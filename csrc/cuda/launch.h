@@ -19,5 +19,8 @@ Status launch_scale(void* data, DType type, int64_t count, const float* factor,
                     cudaStream_t stream);                                     // reduce_kernels.cu
 Status launch_rows_forward(const RowForwardArgs& args, cudaStream_t stream);  // row_kernels.cu
 Status launch_rows_grad(const RowGradArgs& args, cudaStream_t stream);        // row_kernels.cu
+Status launch_label_shift(const LabelShiftArgs& args, cudaStream_t stream);   // shifted_terms.cu
+Status launch_shifted_rows(const ShiftedRowsArgs& args, cudaStream_t stream);  // shifted_terms.cu
+Status launch_cast(const CastArgs& args, cudaStream_t stream);                 // shifted_terms.cu
 
 }  // namespace flce::detail::cuda

@@ -328,6 +328,7 @@ __global__ void __launch_bounds__(kPartialThreads) rows_from_partials_kernel(Row
   if (a.carry == nullptr ||
       carry_row_block(a.carry[row], col0, cols, vocab, label_here, st, z_target)) {
     finish_forward_row(a, row, label, st, z_target);
+    if (a.row_max != nullptr) a.row_max[r] = st.max;
   }
 }
 

@@ -181,7 +181,8 @@ __device__ __forceinline__ void store_row_16bit(T* out, const float (&v)[kCols],
 // kStoreExp (grad-in-forward): also stores each element's e = exp(z - m), m the row's max over
 // the tile, in fp16 at a.tile_exp (the terms of the sum, so one exp2 serves both); the row kernel
 // turns them into dZ once the row's LSE is known. fp16, not bf16: e lies in [0, 1], where fp16
-// carries 3 more bits, and dZ's accuracy rests on them.
+// carries 3 more bits, and dZ's accuracy rests on them. With a.row_shift (Plan::shifted_terms) a
+// tile's terms are exp(z - s) under its row's shift s instead, where they fit fp16.
 template <bool kStoreExp>
 struct StatsMath {
   using Args = RowForwardArgs;
@@ -215,14 +216,25 @@ struct StatsMath {
       // Every lane of the quad sums under the quad's max, so the merge adds without rescaling.
       RowState st;
       st.max = quad_max(mx);
-      const ScaledSoftmaxExp exp_shifted = ScaledSoftmaxExp::of(1.0f, st.max);  // exp(z - max)
-      CUTLASS_PRAGMA_UNROLL
+      // The terms' shift: the tile's max, or with row-shifted terms the row's shift where the
+      // tile's terms fit fp16 under it. The sum is taken under the same shift (one exponential
+      // per element serves both) and rescaled to the max once per row; a sum that underflowed
+      // belongs to a tile far below the row's shift, whose terms the LSE cannot see.
+      float shift = st.max;
+      if (kStoreExp && a.row_shift != nullptr && m < rows) {
+        const float s = a.row_shift[m];
+        if (tile_takes_row_shift(st.max, s)) shift = s;
+      }
+      const ScaledSoftmaxExp exp_shifted = ScaledSoftmaxExp::of(1.0f, shift);  // exp(z - shift)
       float e[kStoreExp ? kCols : 1];
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < kCols; ++c) {
         const float ec = exp_shifted(z[c]);
         st.sum_exp += ec;
         if constexpr (kStoreExp) e[c] = ec;
+      }
+      if (kStoreExp && shift != st.max) {
+        st.sum_exp = st.sum_exp > 0.0f ? st.sum_exp * softmax_exp(shift - st.max) : 0.0f;
       }
       if (smoothing) {  // unweighted: the sum of z over the valid columns
         CUTLASS_PRAGMA_UNROLL

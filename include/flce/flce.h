@@ -154,6 +154,14 @@ struct Plan {
   // anyway, the forward computes fp32 logits in blocks that fit the same bytes: fewer rows, split
   // into vocabulary blocks for statistics only (the rows' statistics merged), whole for gradients.
   bool compact_forward_blocks = false;
+  // Grad-in-forward compact blocks with an fp32 dW accumulator: the fused GEMM stores the fp16
+  // terms exp(z - s_i) with one shift per row known before the GEMM (the label's logit plus
+  // kShiftAboveLabel), so that dZ is a per-row multiple of them. dx and dW then read the terms as
+  // they are (fp16 GEMMs, the row factors applied to x and to the fp32 dx rows) instead of after a
+  // pass that rewrites every term as dZ; only rows the terms cannot represent (a label far below
+  // the row's max) are rewritten. Serves calls without label smoothing, class weights or a
+  // gradient of the LSE; other calls run the compact blocks as above.
+  bool shifted_terms = false;
   size_t forward_workspace_bytes = 0;
   size_t backward_workspace_bytes = 0;
   // The smallest budget in which the strategies allowed by the request (all, or the forced one)

@@ -15,6 +15,7 @@ def plan_list(n, v, d, dtype, device, strategy, **kw):
     p["fused_logits"] = _ops.FUSED_LOGITS[p["fused_logits"]]
     p["compact_backward_blocks"] = int(p["compact_backward_blocks"])
     p["compact_forward_blocks"] = int(p["compact_forward_blocks"])
+    p["shifted_terms"] = int(p["shifted_terms"])
     return [p[k] for k in _ops.PLAN_FIELDS]
 
 

@@ -1,0 +1,269 @@
+// Row-shifted terms (Plan::shifted_terms): the kernels around the fused statistics GEMM that let
+// grad-in-forward's dx and dW GEMMs read its fp16 terms as they are.
+//
+// label_shift: each row's shift before the GEMM, the label's logit from a dot product (one warp
+// per row). Its rounding differs from the GEMM's, which does not matter: the shift only has to be
+// the same number wherever it is used, and the label's own term is recomputed from the GEMM's
+// logit (ShiftedRow::label_term).
+// shifted_rows: after the LSE, per row (one block): its largest |x|, its ShiftedRow, fp16(factor *
+// x), and the terms in place, the label's alone for kept rows, all of them for rewritten rows.
+// cast: the conversions around them (W to fp16, the dx rows with their factors, the dW
+// accumulator with the upstream factor).
+#include <climits>
+
+#include "core/row_math.h"
+#include "cuda/common.cuh"
+#include "cuda/fused_logits.h"
+#include "cuda/launch.h"
+#include "cuda/row_grad.cuh"
+
+namespace flce::detail::cuda {
+namespace {
+
+Status invalid(const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); }
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename F>
+Status dispatch_16bit(DType t, F&& f) {
+  switch (t) {
+    case DType::kFloat16:
+      return f(TypeTag<__half>{});
+    case DType::kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+    default:
+      return invalid("row-shifted terms: expected a 16-bit dtype");
+  }
+}
+
+template <typename F>
+Status dispatch_any(DType t, F&& f) {
+  if (t == DType::kFloat32) return f(TypeTag<float>{});
+  return dispatch_16bit(t, f);
+}
+
+// label_shift ---------------------------------------------------------------------------------
+
+constexpr int kShiftRowsPerBlock = 8;  // one warp per row
+
+template <typename T>
+__global__ void __launch_bounds__(kShiftRowsPerBlock* kWarpSize)
+    label_shift_kernel(LabelShiftArgs a) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kShiftRowsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (r >= a.rows) return;  // uniform across the warp
+  const int64_t label = load_label(a.labels, a.label_type, a.row_offset + r);
+  if (!label_is_valid(label, a.ignore_index) || !label_in_range(label, a.vocab_size)) {
+    if (lane == 0) a.shift[r] = -INFINITY;  // the row's tiles take their own max
+    return;
+  }
+  const T* x = static_cast<const T*>(a.x) + r * a.ldx;
+  const T* w = static_cast<const T*>(a.weight) + label * a.hidden;
+  float dot = 0.0f;
+  for (int64_t c = lane; c < a.hidden; c += kWarpSize) dot = fmaf(to_float(x[c]), to_float(w[c]), dot);
+  dot = warp_reduce(dot, [](float u, float v) { return u + v; });
+  if (lane == 0) a.shift[r] = dot * a.logit_scale + kShiftAboveLabel;
+}
+
+// shifted_rows --------------------------------------------------------------------------------
+
+constexpr int kShiftedThreads = 256;
+constexpr int kTermCols = 8;  // columns per access of the terms (16 bytes of fp16)
+static_assert(kPartialStatsCols % kTermCols == 0, "a group of columns lies in one tile");
+
+template <typename XT, int kVec>
+__global__ void __launch_bounds__(kShiftedThreads) shifted_rows_kernel(ShiftedRowsArgs a) {
+  __shared__ float reduce_smem[kMaxWarps];
+  __shared__ ShiftedRow row_shared;
+  __shared__ AffineLogitGrad grad_shared;
+  __shared__ int64_t label_shared;
+  const RowGradArgs& g = a.grad;
+  const int64_t r = blockIdx.x;
+  const int64_t row = g.row_offset + r;
+  const XT* x = static_cast<const XT*>(a.x) + r * a.ldx;
+
+  float xmax = 0.0f;
+  for (int64_t c = threadIdx.x; c < a.hidden; c += blockDim.x) {
+    xmax = fmaxf(xmax, fabsf(to_float(x[c])));
+  }
+  xmax = block_reduce(xmax, [](float u, float v) { return fmaxf(u, v); }, 0.0f, reduce_smem);
+  if (threadIdx.x == 0) {
+    // The coefficients for an upstream gradient of 1 (the caller applies g): no smoothing, class
+    // weights or LSE gradient here, so dZ = slope p - step [c == label].
+    const LossOptions& o = g.options;
+    const int64_t label = load_label(g.labels, g.label_type, row);
+    const bool valid = label_is_valid(label, o.ignore_index);
+    const bool in_range = label_in_range(label, g.vocab_size);
+    const float lse = g.lse[row];
+    const GradCoefs k = grad_coefs(valid, 1.0f, 0.0f, lse, in_range ? 1.0f : NAN,
+                                   g.scalars[kScalarWeightSum], g.vocab_size, o);
+    const AffineLogitGrad grad = AffineLogitGrad::of(k, o.logit_scale);
+    row_shared = shifted_row(a.shift[r], a.row_max[r], lse, a.target_z[r], grad, all_zero(k), xmax);
+    grad_shared = grad;
+    label_shared = valid && in_range ? label : -1;
+    a.row_factor[r] = row_shared.factor;
+  }
+  __syncthreads();
+  const ShiftedRow sr = row_shared;
+
+  // fp16(factor * x); exact zeros for a row without gradient, whatever x holds.
+  __half* x16 = static_cast<__half*>(a.x16) + r * a.hidden;
+  for (int64_t c = threadIdx.x; c < a.hidden; c += blockDim.x) {
+    x16[c] = __float2half_rn(sr.factor == 0.0f ? 0.0f : sr.factor * to_float(x[c]));
+  }
+  if (sr.factor == 0.0f) return;  // the terms stay finite: this row's factor zeroes them
+
+  __half* e = static_cast<__half*>(g.dz) + r * g.ldz;  // the terms, rewritten in place
+  const int64_t label = label_shared;
+  if (!sr.rewrite) {
+    if (threadIdx.x == 0 && label >= 0) e[label] = __float2half_rn(sr.label_term);
+    return;
+  }
+  // Rewritten: e' = (slope p - step [c == label]) / factor, p = e exp(tile shift - lse).
+  const AffineLogitGrad grad = grad_shared;
+  const float lse = g.lse[row];
+  const float shift = a.shift[r];
+  const float inv_factor = 1.0f / sr.factor;  // a power of two: exact
+  const RowState* partials = g.partials + r * g.partials_ld;
+  for (int64_t c0 = static_cast<int64_t>(threadIdx.x) * kTermCols; c0 < g.cols;
+       c0 += static_cast<int64_t>(blockDim.x) * kTermCols) {
+    const float tile_max = partials[c0 / kPartialStatsCols].max;
+    const float tile_shift = tile_takes_row_shift(tile_max, shift) ? shift : tile_max;
+    const float to_p = softmax_exp(tile_shift - lse);
+    const int n = g.cols - c0 < kTermCols ? static_cast<int>(g.cols - c0) : kTermCols;
+    float v[kTermCols];
+    if (kVec == kTermCols && n == kTermCols) {
+      load_vec<__half, kTermCols>(e + c0, v);
+    } else {
+      for (int i = 0; i < n; ++i) v[i] = __half2float(e[c0 + i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kTermCols; ++i) {
+      float d = grad(v[i] * to_p);
+      if (c0 + i == label) d -= grad.target_step;
+      v[i] = d * inv_factor;
+    }
+    if (kVec == kTermCols && n == kTermCols) {
+      store_vec<__half, kTermCols>(e + c0, v);
+    } else {
+      for (int i = 0; i < n; ++i) e[c0 + i] = __float2half_rn(v[i]);
+    }
+  }
+}
+
+// cast ----------------------------------------------------------------------------------------
+
+constexpr int kCastThreads = 256;
+constexpr int kCastVec = 8;
+
+template <typename Src, typename Dst, int kVec>
+__global__ void __launch_bounds__(kCastThreads) cast_kernel(CastArgs a) {
+  const float f = a.factor != nullptr ? *a.factor : 1.0f;
+  const int64_t groups_per_row = (a.cols + kVec - 1) / kVec;
+  const int64_t total = a.rows * groups_per_row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / groups_per_row;
+    const int64_t c0 = (i - r * groups_per_row) * kVec;
+    const float s = a.row_factor != nullptr ? a.row_factor[r] * f : f;
+    const Src* src = static_cast<const Src*>(a.src) + r * a.ld_src + c0;
+    Dst* dst = static_cast<Dst*>(a.dst) + r * a.ld_dst + c0;
+    if (kVec > 1 && c0 + kVec <= a.cols) {
+      float v[kVec];
+      load_vec<Src, kVec>(src, v);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) v[j] *= s;
+      store_vec<Dst, kVec>(dst, v);
+    } else {
+      for (int j = 0; j < kVec && c0 + j < a.cols; ++j) dst[j] = from_float<Dst>(to_float(src[j]) * s);
+    }
+  }
+}
+
+}  // namespace
+
+Status launch_label_shift(const LabelShiftArgs& a, cudaStream_t stream) {
+  if (a.rows == 0) return Status::Ok();
+  if (a.rows < 0 || a.hidden < 1 || a.vocab_size < 1 || a.ldx < a.hidden || !a.x || !a.weight ||
+      !a.labels || !a.shift) {
+    return invalid(
+        "label_shift: need rows >= 0, hidden >= 1, vocab_size >= 1, ldx >= hidden and x, "
+        "weight, labels and shift");
+  }
+  const int64_t blocks = (a.rows + kShiftRowsPerBlock - 1) / kShiftRowsPerBlock;
+  if (blocks > INT_MAX) return invalid("label_shift: too many rows");
+  return dispatch_16bit(a.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    label_shift_kernel<T><<<static_cast<unsigned>(blocks), kShiftRowsPerBlock * kWarpSize, 0,
+                            stream>>>(a);
+    FLCE_CUDA_CHECK_LAUNCH("label_shift_kernel");
+    return Status::Ok();
+  });
+}
+
+Status launch_shifted_rows(const ShiftedRowsArgs& a, cudaStream_t stream) {
+  const RowGradArgs& g = a.grad;
+  if (g.rows == 0) return Status::Ok();
+  if (g.rows < 0 || g.rows > INT_MAX || g.cols != g.vocab_size || g.col_offset != 0) {
+    return invalid("shifted_rows: needs whole rows (cols == vocab_size) and rows in [0, INT_MAX]");
+  }
+  if (!g.dz || g.dz != g.tile_exp || g.ldz != g.tile_exp_ld || g.dz_type != DType::kFloat16 ||
+      !g.partials || !g.lse || !g.labels || !g.scalars || !a.shift ||
+      !a.row_max || !a.target_z || !a.x || !a.row_factor || !a.x16 ||
+      g.partials_ld < (g.cols + kPartialStatsCols - 1) / kPartialStatsCols ||
+      g.tile_exp_ld < g.cols || a.ldx < a.hidden) {
+    return invalid(
+        "shifted_rows: needs the terms as tile_exp and dz (fp16, the same pitch >= cols), "
+        "partials, lse, labels, scalars, shift, row_max, target_z, x (ldx >= hidden), "
+        "row_factor and x16");
+  }
+  if (g.bias || g.class_weight || g.grad_lse || g.options.softcap > 0.0f ||
+      g.options.label_smoothing > 0.0f) {
+    return invalid(
+        "shifted_rows: serves no bias, class weights, LSE gradient, soft-cap or label smoothing");
+  }
+  return dispatch_16bit(a.x_type, [&](auto tag) {
+    using XT = typename decltype(tag)::type;
+    const bool vec = is_aligned(g.dz, 16) && g.ldz % kTermCols == 0;
+    const dim3 grid(static_cast<unsigned>(g.rows));
+    if (vec) {
+      shifted_rows_kernel<XT, kTermCols><<<grid, kShiftedThreads, 0, stream>>>(a);
+    } else {
+      shifted_rows_kernel<XT, 1><<<grid, kShiftedThreads, 0, stream>>>(a);
+    }
+    FLCE_CUDA_CHECK_LAUNCH("shifted_rows_kernel");
+    return Status::Ok();
+  });
+}
+
+Status launch_cast(const CastArgs& a, cudaStream_t stream) {
+  if (a.rows == 0 || a.cols == 0) return Status::Ok();
+  if (a.rows < 0 || a.cols < 0 || a.ld_src < a.cols || a.ld_dst < a.cols || !a.src || !a.dst) {
+    return invalid("cast: need rows, cols >= 0, ld_src and ld_dst >= cols, src and dst");
+  }
+  return dispatch_any(a.src_type, [&](auto src_tag) {
+    using Src = typename decltype(src_tag)::type;
+    return dispatch_any(a.dst_type, [&](auto dst_tag) {
+      using Dst = typename decltype(dst_tag)::type;
+      const bool vec = is_aligned(a.src, kCastVec * sizeof(Src)) && a.ld_src % kCastVec == 0 &&
+                       is_aligned(a.dst, kCastVec * sizeof(Dst)) && a.ld_dst % kCastVec == 0;
+      const int64_t vec_width = vec ? kCastVec : 1;
+      const int64_t work = a.rows * ((a.cols + vec_width - 1) / vec_width);
+      // A grid-stride loop: enough blocks to fill the GPU several times over.
+      const int64_t blocks = std::min<int64_t>((work + kCastThreads - 1) / kCastThreads,
+                                               static_cast<int64_t>(current_device_sms()) * 16);
+      if (vec) {
+        cast_kernel<Src, Dst, kCastVec><<<static_cast<unsigned>(blocks), kCastThreads, 0, stream>>>(a);
+      } else {
+        cast_kernel<Src, Dst, 1><<<static_cast<unsigned>(blocks), kCastThreads, 0, stream>>>(a);
+      }
+      FLCE_CUDA_CHECK_LAUNCH("cast_kernel");
+      return Status::Ok();
+    });
+  });
+}
+
+}  // namespace flce::detail::cuda
