@@ -543,9 +543,9 @@ Status shifted_chunk(Backend& be, const ForwardParams& p, const LogitsOperands& 
   const int64_t ld = rf.tile_exp_ld;
   if (p.grad_x) {
     float* dx32 = reinterpret_cast<float*>(sl_base + sl.dx);
-    FLCE_RETURN_IF_ERROR(be.gemm(make_gemm(rows, d, v, {terms, ld, DType::kFloat16, false},
-                                           {w16, d, DType::kFloat16, false}, dx32, d,
-                                           DType::kFloat32, false)));
+    FLCE_RETURN_IF_ERROR(
+        be.gemm(make_gemm(rows, d, v, {terms, ld, DType::kFloat16, false},
+                          {w16, d, DType::kFloat16, false}, dx32, d, DType::kFloat32, false)));
     CastArgs c;
     c.src = dx32;
     c.ld_src = d;

@@ -281,10 +281,12 @@ FLCE_HD ShiftedRow shifted_row(float shift, float row_max, float lse, float z_ta
                                const AffineLogitGrad& grad, bool zero, float x_absmax) {
   ShiftedRow r;
   if (zero) return r;
+  // The factor takes the sign of the logit scale; NaN fails every test below.
   const float factor = grad.slope * softmax_exp(shift - lse);
   const float correction = grad.target_step / factor;
-  const bool keep = tile_takes_row_shift(row_max, shift) && factor >= kShiftedFactorMin &&
-                    correction <= kShiftedValueMax && factor * x_absmax < kShiftedValueMax;
+  const float size = fabsf(factor);
+  const bool keep = tile_takes_row_shift(row_max, shift) && size >= kShiftedFactorMin &&
+                    fabsf(correction) <= kShiftedValueMax && size * x_absmax < kShiftedValueMax;
   if (keep) {
     r.factor = factor;
     r.label_term = softmax_exp(z_target - shift) - correction;

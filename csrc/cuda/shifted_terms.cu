@@ -63,7 +63,8 @@ __global__ void __launch_bounds__(kShiftRowsPerBlock* kWarpSize)
   const T* x = static_cast<const T*>(a.x) + r * a.ldx;
   const T* w = static_cast<const T*>(a.weight) + label * a.hidden;
   float dot = 0.0f;
-  for (int64_t c = lane; c < a.hidden; c += kWarpSize) dot = fmaf(to_float(x[c]), to_float(w[c]), dot);
+  for (int64_t c = lane; c < a.hidden; c += kWarpSize)
+    dot = fmaf(to_float(x[c]), to_float(w[c]), dot);
   dot = warp_reduce(dot, [](float u, float v) { return u + v; });
   if (lane == 0) a.shift[r] = dot * a.logit_scale + kShiftAboveLabel;
 }
@@ -89,7 +90,8 @@ __global__ void __launch_bounds__(kShiftedThreads) shifted_rows_kernel(ShiftedRo
   for (int64_t c = threadIdx.x; c < a.hidden; c += blockDim.x) {
     xmax = fmaxf(xmax, fabsf(to_float(x[c])));
   }
-  xmax = block_reduce(xmax, [](float u, float v) { return fmaxf(u, v); }, 0.0f, reduce_smem);
+  xmax = block_reduce(
+      xmax, [](float u, float v) { return fmaxf(u, v); }, 0.0f, reduce_smem);
   if (threadIdx.x == 0) {
     // The coefficients for an upstream gradient of 1 (the caller applies g): no smoothing, class
     // weights or LSE gradient here, so dZ = slope p - step [c == label].
@@ -178,7 +180,8 @@ __global__ void __launch_bounds__(kCastThreads) cast_kernel(CastArgs a) {
       for (int j = 0; j < kVec; ++j) v[j] *= s;
       store_vec<Dst, kVec>(dst, v);
     } else {
-      for (int j = 0; j < kVec && c0 + j < a.cols; ++j) dst[j] = from_float<Dst>(to_float(src[j]) * s);
+      for (int j = 0; j < kVec && c0 + j < a.cols; ++j)
+        dst[j] = from_float<Dst>(to_float(src[j]) * s);
     }
   }
 }
@@ -197,8 +200,8 @@ Status launch_label_shift(const LabelShiftArgs& a, cudaStream_t stream) {
   if (blocks > INT_MAX) return invalid("label_shift: too many rows");
   return dispatch_16bit(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    label_shift_kernel<T><<<static_cast<unsigned>(blocks), kShiftRowsPerBlock * kWarpSize, 0,
-                            stream>>>(a);
+    label_shift_kernel<T>
+        <<<static_cast<unsigned>(blocks), kShiftRowsPerBlock * kWarpSize, 0, stream>>>(a);
     FLCE_CUDA_CHECK_LAUNCH("label_shift_kernel");
     return Status::Ok();
   });
@@ -211,8 +214,8 @@ Status launch_shifted_rows(const ShiftedRowsArgs& a, cudaStream_t stream) {
     return invalid("shifted_rows: needs whole rows (cols == vocab_size) and rows in [0, INT_MAX]");
   }
   if (!g.dz || g.dz != g.tile_exp || g.ldz != g.tile_exp_ld || g.dz_type != DType::kFloat16 ||
-      !g.partials || !g.lse || !g.labels || !g.scalars || !a.shift ||
-      !a.row_max || !a.target_z || !a.x || !a.row_factor || !a.x16 ||
+      !g.partials || !g.lse || !g.labels || !g.scalars || !a.shift || !a.row_max || !a.target_z ||
+      !a.x || !a.row_factor || !a.x16 ||
       g.partials_ld < (g.cols + kPartialStatsCols - 1) / kPartialStatsCols ||
       g.tile_exp_ld < g.cols || a.ldx < a.hidden) {
     return invalid(
@@ -256,7 +259,8 @@ Status launch_cast(const CastArgs& a, cudaStream_t stream) {
       const int64_t blocks = std::min<int64_t>((work + kCastThreads - 1) / kCastThreads,
                                                static_cast<int64_t>(current_device_sms()) * 16);
       if (vec) {
-        cast_kernel<Src, Dst, kCastVec><<<static_cast<unsigned>(blocks), kCastThreads, 0, stream>>>(a);
+        cast_kernel<Src, Dst, kCastVec>
+            <<<static_cast<unsigned>(blocks), kCastThreads, 0, stream>>>(a);
       } else {
         cast_kernel<Src, Dst, 1><<<static_cast<unsigned>(blocks), kCastThreads, 0, stream>>>(a);
       }

@@ -843,6 +843,120 @@ TEST(CudaEdge, GradInForwardTermsOnWideRows) {
   }
 }
 
+// Grad-in-forward with row-shifted terms (Plan::shifted_terms) against float64, with rows of
+// every kind: kept (most), rewritten because their label lies far below the row's max (x along
+// another class's weight: a tile overflows fp16 under the label's shift), rewritten because
+// fp16(factor * x) would overflow (one |x| of 1e5 against a zero column of W), and ignored. bf16
+// and fp16; mean and sum; plain options, then z-loss with a negative logit scale (negative row
+// factors); V not a multiple of 8, and V > 65536. Every dx row is checked on its own, since the
+// large row dominates the norms. The same plan without shifted terms is run too: both match the
+// reference, and they must differ in some element of dx, which shows that the shifted path ran.
+TEST(CudaEdge, GradInForwardShiftedTerms) {
+  SKIP_WITHOUT_DEVICE();
+  struct Shape {
+    int64_t n, v, d;
+  };
+  uint64_t seed = 4100;
+  for (Shape sh : {Shape{130, 2003, 72}, Shape{70, 70001, 64}}) {
+    for (DType t : {DType::kBFloat16, DType::kFloat16}) {
+      for (Reduction red : {Reduction::kMean, Reduction::kSum}) {
+        for (bool options : {false, true}) {
+          Case c;
+          c.n = sh.n;
+          c.v = sh.v;
+          c.d = sh.d;
+          c.dtype = t;
+          c.options.ignore_index = 9;
+          c.options.reduction = red;
+          if (options) {
+            c.options.z_loss = 1e-3f;
+            c.options.logit_scale = -0.8f;
+          }
+          c.int32_labels = true;
+          c.metrics = false;
+          c.x_pad = 8;
+          c.seed = ++seed;
+          SCOPED_TRACE(c.describe());
+          Inputs in = make_inputs(c);
+          const double scale = c.options.logit_scale;
+          auto set_x = [&](int64_t i, int64_t k, double value) {
+            in.x.set(i * in.x_stride + k, value);
+            in.ref.x[i * c.d + k] = in.x.get(i * in.x_stride + k);
+          };
+          // Peaked rows 2, 5, 8: x = a W[j] with z_j = 30, j != label.
+          for (int64_t i : {int64_t(2), int64_t(5), int64_t(8)}) {
+            const int64_t y = in.ref.labels[i] == c.options.ignore_index ? 0 : in.ref.labels[i];
+            in.ref.labels[i] = y;
+            in.labels32[i] = static_cast<int32_t>(y);
+            const int64_t j = (y + 1 + i) % c.v;
+            double norm2 = 0.0;
+            for (int64_t k = 0; k < c.d; ++k)
+              norm2 += in.ref.weight[j * c.d + k] * in.ref.weight[j * c.d + k];
+            const double a = 30.0 / (scale * norm2);
+            for (int64_t k = 0; k < c.d; ++k) set_x(i, k, a * in.ref.weight[j * c.d + k]);
+          }
+          // Row 3: x = a W[label] (z_label = 10, a likely label), plus x[0] = 1e5 (bf16 holds it,
+          // fp16 does not: 6e4 there) where column 0 of W is zero, so that the logits stay
+          // moderate but fp16(factor * x) would overflow.
+          {
+            const int64_t i = 3;
+            const int64_t y = in.ref.labels[i] == c.options.ignore_index ? 0 : in.ref.labels[i];
+            in.ref.labels[i] = y;
+            in.labels32[i] = static_cast<int32_t>(y);
+            for (int64_t j = 0; j < c.v; ++j) {
+              in.weight.set(j * c.d, 0.0);
+              in.ref.weight[j * c.d] = 0.0;
+            }
+            double norm2 = 0.0;
+            for (int64_t k = 0; k < c.d; ++k)
+              norm2 += in.ref.weight[y * c.d + k] * in.ref.weight[y * c.d + k];
+            const double a = 10.0 / (scale * norm2);
+            for (int64_t k = 0; k < c.d; ++k) set_x(i, k, a * in.ref.weight[y * c.d + k]);
+            set_x(i, 0, t == DType::kFloat16 ? 6e4 : 1e5);
+          }
+          const RefGrads ref = [&] {
+            RefUpstream up = in.up;
+            up.grad_loss = {1.0};
+            up.grad_lse.clear();
+            return reference_backward(in.ref, up);
+          }();
+
+          Outputs outs[2];
+          for (bool shifted : {true, false}) {
+            PlanChoice choice;
+            choice.strategy = Strategy::kGradInForward;
+            choice.manual = true;
+            choice.plan.strategy = Strategy::kGradInForward;
+            choice.plan.fused_logits = FusedLogits::kAlways;
+            choice.plan.compact_forward_blocks = true;
+            choice.plan.shifted_terms = shifted;
+            choice.plan.forward_token_chunk = 48;  // three chunks, dW accumulated in fp32
+            choice.plan.dw_group_tokens = 48;
+            SCOPED_TRACE(shifted ? "shifted terms" : "terms under each tile's max");
+            Outputs& out = outs[shifted ? 0 : 1];
+            ASSERT_TRUE(run_fused_cuda(c, in, choice, &out));
+            expect_cuda_matches_reference(c, in, out);
+            const Tolerance tol = cuda_tolerance(c.dtype);
+            const std::vector<double> dx = out.dx.to_double();
+            for (int64_t i = 0; i < c.n; ++i) {
+              const std::vector<double> got(dx.begin() + i * c.d, dx.begin() + (i + 1) * c.d);
+              const std::vector<double> want(ref.dx.begin() + i * c.d,
+                                             ref.dx.begin() + (i + 1) * c.d);
+              double want_max = 0.0;
+              for (double w : want) want_max = std::max(want_max, std::abs(w));
+              if (want_max == 0.0) continue;  // ignored rows: expect_close above saw zeros
+              SCOPED_TRACE("dx row " + std::to_string(i));
+              expect_close("dx row", got, want, tol.grad);
+            }
+          }
+          const std::vector<double> a = outs[0].dx.to_double(), b = outs[1].dx.to_double();
+          EXPECT_NE(a, b) << "shifted terms gave bit-identical dx: did the shifted path run?";
+        }
+      }
+    }
+  }
+}
+
 // Rows far longer than one tile of the row kernels (100000 columns: a partial last tile; 262144
 // and 262148), with every option and metrics, then plain without metrics (the kernels skip the
 // metric sums): the statistics merged across tiles and threads against float64.

@@ -412,6 +412,7 @@ Plan Fuzz::plan_for(Case* c, double compact_p) {
     p.forward_token_chunk = uniform(1, c->n);
     p.dw_group_tokens = coin(0.5) ? p.forward_token_chunk : c->n;
     p.compact_forward_blocks = coin(compact_p);
+    if (p.compact_forward_blocks) p.shifted_terms = coin(0.5);
     return p;
   }
   p.strategy = Strategy::kRecompute;
@@ -436,7 +437,8 @@ std::string describe_plan(const Plan& p) {
     << " bwd " << p.backward_token_chunk << "x" << p.backward_vocab_chunk
     << (p.backward_order == BackwardOrder::kTokenOuter ? " token_outer" : " vocab_outer")
     << (p.compact_forward_blocks ? " compact_fwd" : "")
-    << (p.compact_backward_blocks ? " compact_bwd" : "") << " fused_logits "
+    << (p.compact_backward_blocks ? " compact_bwd" : "")
+    << (p.shifted_terms ? " shifted_terms" : "") << " fused_logits "
     << static_cast<int>(p.fused_logits);
   return s.str();
 }
