@@ -133,6 +133,10 @@ struct RowGradArgs {
   int64_t tile_exp_ld = 0;
   const RowState* partials = nullptr;
   int64_t partials_ld = 0;
+  // With tile_exp: the labels' logits from the GEMM (RowForwardArgs::target_z, or null). The
+  // label's dZ is then computed from them: p - 1 cancels where p is large, and would multiply
+  // the fp16 term's rounding.
+  const float* target_z = nullptr;
 };
 
 // acc[c] (+)= sum_r block[r, c] (the bias gradient).

@@ -306,6 +306,7 @@ RowGradArgs grad_from_exp_args(const RowForwardArgs& rf, void* dz, int64_t ldz, 
   rg.tile_exp_ld = rf.tile_exp_ld;
   rg.partials = rf.partials;
   rg.partials_ld = rf.partials_ld;
+  rg.target_z = rf.target_z;
   return rg;
 }
 

@@ -371,6 +371,9 @@ __global__ void __launch_bounds__(kExpGradThreads) rows_grad_from_exp_kernel(Row
   DzT* dz = static_cast<DzT*>(a.dz) + r * a.ldz;
   const RowState* partials = a.partials + r * a.partials_ld;
   const int64_t label = rg.label - a.col_offset;
+  // The label's p from the GEMM's fp32 logit where given (RowGradArgs::target_z).
+  const float label_p =
+      a.target_z != nullptr && label >= 0 ? softmax_exp(a.target_z[r] - rg.lse) : NAN;
   for (int64_t c0 = static_cast<int64_t>(threadIdx.x) * kExpGradCols; c0 < a.cols;
        c0 += static_cast<int64_t>(blockDim.x) * kExpGradCols) {
     // exp(m - lse) of the group's tile; 0 for a row with zero coefficients (no read of its terms
@@ -387,7 +390,9 @@ __global__ void __launch_bounds__(kExpGradThreads) rows_grad_from_exp_kernel(Row
 #pragma unroll
     for (int i = 0; i < kExpGradCols; ++i) {
       v[i] = grad(v[i] * tile_scale);
-      if (c0 + i == label) v[i] -= grad.target_step;
+      if (c0 + i == label) {
+        v[i] = (a.target_z != nullptr ? grad(label_p) : v[i]) - grad.target_step;
+      }
     }
     if (kVec == kExpGradCols && n == kExpGradCols) {
       store_vec<DzT, kExpGradCols>(dz + c0, v);

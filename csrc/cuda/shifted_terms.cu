@@ -128,6 +128,10 @@ __global__ void __launch_bounds__(kShiftedThreads) shifted_rows_kernel(ShiftedRo
   const AffineLogitGrad grad = grad_shared;
   const float lse = g.lse[row];
   const float shift = a.shift[r];
+  // The label's p from the GEMM's fp32 logit, not from its fp16 term: slope p - step cancels
+  // where p is large, and would multiply the term's rounding.
+  const float label_grad =
+      label >= 0 ? grad(softmax_exp(a.target_z[r] - lse)) - grad.target_step : 0.0f;
   const float inv_factor = 1.0f / sr.factor;  // a power of two: exact
   const RowState* partials = g.partials + r * g.partials_ld;
   for (int64_t c0 = static_cast<int64_t>(threadIdx.x) * kTermCols; c0 < g.cols;
@@ -144,9 +148,7 @@ __global__ void __launch_bounds__(kShiftedThreads) shifted_rows_kernel(ShiftedRo
     }
 #pragma unroll
     for (int i = 0; i < kTermCols; ++i) {
-      float d = grad(v[i] * to_p);
-      if (c0 + i == label) d -= grad.target_step;
-      v[i] = d * inv_factor;
+      v[i] = (c0 + i == label ? label_grad : grad(v[i] * to_p)) * inv_factor;
     }
     if (kVec == kTermCols && n == kTermCols) {
       store_vec<__half, kTermCols>(e + c0, v);
