@@ -848,9 +848,10 @@ TEST(CudaEdge, GradInForwardTermsOnWideRows) {
 // another class's weight: a tile overflows fp16 under the label's shift), rewritten because
 // fp16(factor * x) would overflow (one |x| of 1e5 against a zero column of W), and ignored. bf16
 // and fp16; mean and sum; plain options, then z-loss with a negative logit scale (negative row
-// factors); V not a multiple of 8, and V > 65536. Every dx row is checked on its own, since the
-// large row dominates the norms. The same plan without shifted terms is run too: both match the
-// reference, and they must differ in some element of dx, which shows that the shifted path ran.
+// factors); V not a multiple of 8, and V > 65536. Every dx row of the shifted path is checked on
+// its own, since the large row dominates the norms. The same plan without shifted terms is run
+// too: both match the reference, and they must differ in some element of dx, which shows that the
+// shifted path ran.
 TEST(CudaEdge, GradInForwardShiftedTerms) {
   SKIP_WITHOUT_DEVICE();
   struct Shape {
