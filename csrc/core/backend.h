@@ -195,7 +195,7 @@ struct ShiftedRowsArgs {
   void* x16 = nullptr;          // fp16 [rows, hidden], pitch hidden
 };
 
-// dst[r, c] = src[r, c] * row_factor[r] * factor[0] in dst_type, for r < rows, c < cols (a null
+// dst[r, c] = src[r, c] * (row_factor[r] * factor[0]) in dst_type, for r < rows, c < cols (a null
 // factor counts as 1): conversions between fp32, bf16 and fp16 with optional device-side scaling.
 struct CastArgs {
   const void* src = nullptr;

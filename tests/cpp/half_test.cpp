@@ -8,6 +8,7 @@
 #include <random>
 
 #include "cpu/cpu_half.h"
+#include "cpu/cpu_rows.h"
 
 namespace flce::detail::cpu {
 namespace {
@@ -93,6 +94,58 @@ TEST(BFloat16, MatchesNearestEven) {
   float f;
   std::memcpy(&f, &nan_low, 4);
   EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(f))));
+}
+
+// cast (CastArgs) between every pair of fp32 / bf16 / fp16, with row factors and a factor, on
+// strided rows: every element of each row becomes src * (row_factor * factor), the factors
+// multiplied first as the CUDA kernel does, rounded once; the padding between rows is never
+// written.
+TEST(Half, CastConvertsAndScalesStridedRows) {
+  const DType types[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
+  const int64_t rows = 5, cols = 7, ld_src = 9, ld_dst = 11;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> dist(0.0f, 3.0f);
+  for (DType from : types) {
+    for (DType to : types) {
+      std::vector<unsigned char> src(rows * ld_src * 4), dst(rows * ld_dst * 4);
+      for (int64_t i = 0; i < rows * ld_src; ++i) store_from_float(src.data(), from, i, dist(rng));
+      for (int64_t i = 0; i < rows * ld_dst; ++i) store_from_float(dst.data(), to, i, NAN);
+      std::vector<float> row_factor(rows);
+      for (float& f : row_factor) f = dist(rng);
+      const float factor = 0.375f;
+      CastArgs a;
+      a.src = src.data();
+      a.ld_src = ld_src;
+      a.src_type = from;
+      a.dst = dst.data();
+      a.ld_dst = ld_dst;
+      a.dst_type = to;
+      a.rows = rows;
+      a.cols = cols;
+      a.row_factor = row_factor.data();
+      a.factor = &factor;
+      ASSERT_TRUE(cast(a).ok());
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < ld_dst; ++c) {
+          const float got = load_as_float(dst.data(), to, r * ld_dst + c);
+          if (c >= cols) {
+            EXPECT_TRUE(std::isnan(got)) << "padding written at row " << r << " column " << c;
+            continue;
+          }
+          std::vector<unsigned char> one(4);
+          store_from_float(
+              one.data(), to, 0,
+              load_as_float(src.data(), from, r * ld_src + c) * (row_factor[r] * factor));
+          EXPECT_EQ(got, load_as_float(one.data(), to, 0)) << "row " << r << " column " << c;
+        }
+      }
+    }
+  }
+  CastArgs bad;
+  bad.rows = 2;
+  bad.cols = 3;
+  bad.ld_src = 2;  // < cols
+  EXPECT_EQ(cast(bad).code, StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -177,6 +177,25 @@ def test_plan_compact_forward_blocks(device):
         assert lean["compact_backward_blocks"] and not lean["compact_forward_blocks"]
 
 
+
+def test_plan_shifted_terms(device):
+    """Row-shifted terms where grad_in_forward keeps compact blocks and accumulates dW in fp32
+    (gemma2 at the default budget: 2048-token chunks); not when one group of dZ covers every
+    token (no fp32 accumulator), nor without the fused GEMMs (the CPU, fp32, soft-capping)."""
+    shape = (8192, 256000, 2304)
+    gif = flce.plan(*shape, torch.bfloat16, device, strategy="grad_in_forward")
+    expected = _fused_gemms_expected(device)
+    assert gif["shifted_terms"] == expected
+    if expected:
+        assert gif["dw_group_tokens"] < shape[0]
+    one_group = flce.plan(1024, 32000, 512, torch.bfloat16, device, strategy="grad_in_forward")
+    assert one_group["dw_group_tokens"] == 1024 and one_group["shifted_terms"] is False
+    for other in (
+        flce.plan(*shape, torch.float32, device, strategy="grad_in_forward"),
+        flce.plan(*shape, torch.bfloat16, device, strategy="grad_in_forward", softcap=30.0),
+    ):
+        assert other["shifted_terms"] is False
+
 # -- errors: every message names the argument ------------------------------------------------
 
 
