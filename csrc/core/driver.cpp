@@ -484,6 +484,25 @@ Status finish_dx(Backend& be, const BackwardParams& p, const DxAccumulator& acc,
                     own_rows * d);
 }
 
+// dst = src * (row_factor[r] * factor) in dst_type over `rows` contiguous rows of `cols` elements
+// (Backend::cast; null factors count as 1).
+Status cast_rows(Backend& be, const void* src, DType src_type, void* dst, DType dst_type,
+                 int64_t rows, int64_t cols, const float* row_factor = nullptr,
+                 const float* factor = nullptr) {
+  CastArgs c;
+  c.src = src;
+  c.ld_src = cols;
+  c.src_type = src_type;
+  c.dst = dst;
+  c.ld_dst = cols;
+  c.dst_type = dst_type;
+  c.rows = rows;
+  c.cols = cols;
+  c.row_factor = row_factor;
+  c.factor = factor;
+  return be.cast(c);
+}
+
 // Whether a call's options let grad-in-forward keep row-shifted terms (Plan::shifted_terms): dZ
 // must be a per-row multiple of p except at the label (no smoothing, class weights or soft-cap;
 // no bias, which the fused GEMM does not add).
@@ -547,18 +566,9 @@ Status shifted_chunk(Backend& be, const ForwardParams& p, const LogitsOperands& 
     FLCE_RETURN_IF_ERROR(
         be.gemm(make_gemm(rows, d, v, {terms, ld, DType::kFloat16, false},
                           {w16, d, DType::kFloat16, false}, dx32, d, DType::kFloat32, false)));
-    CastArgs c;
-    c.src = dx32;
-    c.ld_src = d;
-    c.src_type = DType::kFloat32;
-    c.dst = offset_ptr(p.grad_x, rf.row_offset * d, p.dtype);
-    c.ld_dst = d;
-    c.dst_type = p.dtype;
-    c.rows = rows;
-    c.cols = d;
-    c.row_factor = row_factor;
-    c.factor = g;
-    FLCE_RETURN_IF_ERROR(be.cast(c));
+    FLCE_RETURN_IF_ERROR(cast_rows(be, dx32, DType::kFloat32,
+                                   offset_ptr(p.grad_x, rf.row_offset * d, p.dtype), p.dtype, rows,
+                                   d, row_factor, g));
   }
   return be.gemm(make_gemm(v, d, rows, {terms, ld, DType::kFloat16, true},
                            {x16, d, DType::kFloat16, false}, dw_accum, d, DType::kFloat32,
@@ -668,16 +678,7 @@ Status run_forward(Device device, const ForwardParams& p) {
       p.options.reduction == Reduction::kMean ? scalars + kScalarInvDenominator : nullptr;
   const void* w16 = p.weight;
   if (shifted && p.grad_x && p.dtype != DType::kFloat16) {
-    CastArgs c;
-    c.src = p.weight;
-    c.ld_src = d;
-    c.src_type = p.dtype;
-    c.dst = p.grad_weight;
-    c.ld_dst = d;
-    c.dst_type = DType::kFloat16;
-    c.rows = v;
-    c.cols = d;
-    FLCE_RETURN_IF_ERROR(be->cast(c));
+    FLCE_RETURN_IF_ERROR(cast_rows(*be, p.weight, p.dtype, p.grad_weight, DType::kFloat16, v, d));
     w16 = p.grad_weight;
   }
 
@@ -796,17 +797,8 @@ Status run_forward(Device device, const ForwardParams& p) {
       if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_bias, v * dtype_size(p.dtype)));
     } else {
       if (p.grad_weight && shifted) {  // the accumulator still lacks the upstream factor
-        CastArgs c;
-        c.src = at(ws, l.dw_accum);
-        c.ld_src = d;
-        c.src_type = DType::kFloat32;
-        c.dst = p.grad_weight;
-        c.ld_dst = d;
-        c.dst_type = p.dtype;
-        c.rows = v;
-        c.cols = d;
-        c.factor = shifted_g;
-        FLCE_RETURN_IF_ERROR(be->cast(c));
+        FLCE_RETURN_IF_ERROR(cast_rows(*be, at(ws, l.dw_accum), DType::kFloat32, p.grad_weight,
+                                       p.dtype, v, d, nullptr, shifted_g));
       } else if (p.grad_weight && l.dw_accum != kAbsent) {
         FLCE_RETURN_IF_ERROR(be->convert(reinterpret_cast<float*>(at(ws, l.dw_accum)),
                                          p.grad_weight, p.dtype, v * d));

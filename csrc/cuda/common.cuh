@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include "core/row_math.h"
 #include "cuda/cuda_check.h"
@@ -18,6 +19,27 @@ namespace flce::detail::cuda {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarpSize = 32;
 constexpr int kMaxWarps = 32;  // 1024 threads per block
+
+// Host-side dispatch of a kernel template on a run-time DType: f(TypeTag<T>{}) with T the CUDA
+// element type.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename F>
+Status dispatch_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::kFloat32:
+      return f(TypeTag<float>{});
+    case DType::kFloat16:
+      return f(TypeTag<__half>{});
+    case DType::kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+  }
+  return Status::Error(StatusCode::kInvalidArgument,
+                       "unsupported dtype code " + std::to_string(static_cast<int>(t)));
+}
 
 // Scalar conversions ------------------------------------------------------------------------
 
@@ -158,6 +180,27 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[N]) {
   } else {
     static_assert(N == 1, "store_vec: unsupported width");
     *p = from_float<T>(in[0]);
+  }
+}
+
+// The first n <= N of N consecutive elements, in one vector access when the kernel's variant
+// allows it (kVectorized: p aligned as load_vec wants) and the group is whole, else one at a time
+// (the end of a row, or an unaligned pitch).
+template <typename T, int N, bool kVectorized>
+__device__ __forceinline__ void load_group(const T* p, int n, float (&out)[N]) {
+  if (kVectorized && n == N) {
+    load_vec<T, N>(p, out);
+  } else {
+    for (int i = 0; i < n; ++i) out[i] = to_float(p[i]);
+  }
+}
+
+template <typename T, int N, bool kVectorized>
+__device__ __forceinline__ void store_group(T* p, int n, const float (&in)[N]) {
+  if (kVectorized && n == N) {
+    store_vec<T, N>(p, in);
+  } else {
+    for (int i = 0; i < n; ++i) p[i] = from_float<T>(in[i]);
   }
 }
 

@@ -34,25 +34,6 @@ constexpr int kRowMinBlocksPerSm = 2;
 static_assert(kMaxRowThreads % kWarpSize == 0 && kMaxRowThreads / kWarpSize <= kMaxWarps,
               "the block merge assumes whole warps and at most kMaxWarps of them");
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename F>
-Status dispatch_dtype(DType t, F&& f) {
-  switch (t) {
-    case DType::kFloat32:
-      return f(TypeTag<float>{});
-    case DType::kFloat16:
-      return f(TypeTag<__half>{});
-    case DType::kBFloat16:
-      return f(TypeTag<__nv_bfloat16>{});
-  }
-  return Status::Error(StatusCode::kInvalidArgument,
-                       "unsupported dtype code " + std::to_string(static_cast<int>(t)));
-}
-
 // Threads per row block: enough that short rows are not spread over idle threads.
 int row_threads(int64_t cols) {
   int64_t t = (cols + kElemsPerThread - 1) / kElemsPerThread;
@@ -382,11 +363,7 @@ __global__ void __launch_bounds__(kExpGradThreads) rows_grad_from_exp_kernel(Row
         rg.zero ? 0.0f : softmax_exp(partials[c0 / kPartialStatsCols].max - rg.lse);
     const int n = a.cols - c0 < kExpGradCols ? static_cast<int>(a.cols - c0) : kExpGradCols;
     float v[kExpGradCols];
-    if (kVec == kExpGradCols && n == kExpGradCols) {
-      load_vec<__half, kExpGradCols>(e + c0, v);
-    } else {
-      for (int i = 0; i < n; ++i) v[i] = __half2float(e[c0 + i]);
-    }
+    load_group<__half, kExpGradCols, kVec == kExpGradCols>(e + c0, n, v);
 #pragma unroll
     for (int i = 0; i < kExpGradCols; ++i) {
       v[i] = grad(v[i] * tile_scale);
@@ -394,11 +371,7 @@ __global__ void __launch_bounds__(kExpGradThreads) rows_grad_from_exp_kernel(Row
         v[i] = (a.target_z != nullptr ? grad(label_p) : v[i]) - grad.target_step;
       }
     }
-    if (kVec == kExpGradCols && n == kExpGradCols) {
-      store_vec<DzT, kExpGradCols>(dz + c0, v);
-    } else {
-      for (int i = 0; i < n; ++i) dz[c0 + i] = from_float<DzT>(v[i]);
-    }
+    store_group<DzT, kExpGradCols, kVec == kExpGradCols>(dz + c0, n, v);
   }
 }
 

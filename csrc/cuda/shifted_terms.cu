@@ -22,27 +22,11 @@ namespace {
 
 Status invalid(const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
+// The 16-bit element types (x, W, the terms); fp32 is refused.
 template <typename F>
 Status dispatch_16bit(DType t, F&& f) {
-  switch (t) {
-    case DType::kFloat16:
-      return f(TypeTag<__half>{});
-    case DType::kBFloat16:
-      return f(TypeTag<__nv_bfloat16>{});
-    default:
-      return invalid("row-shifted terms: expected a 16-bit dtype");
-  }
-}
-
-template <typename F>
-Status dispatch_any(DType t, F&& f) {
-  if (t == DType::kFloat32) return f(TypeTag<float>{});
-  return dispatch_16bit(t, f);
+  if (t == DType::kFloat32) return invalid("row-shifted terms: expected a 16-bit dtype");
+  return dispatch_dtype(t, f);
 }
 
 // label_shift ---------------------------------------------------------------------------------
@@ -141,20 +125,12 @@ __global__ void __launch_bounds__(kShiftedThreads) shifted_rows_kernel(ShiftedRo
     const float to_p = softmax_exp(tile_shift - lse);
     const int n = g.cols - c0 < kTermCols ? static_cast<int>(g.cols - c0) : kTermCols;
     float v[kTermCols];
-    if (kVec == kTermCols && n == kTermCols) {
-      load_vec<__half, kTermCols>(e + c0, v);
-    } else {
-      for (int i = 0; i < n; ++i) v[i] = __half2float(e[c0 + i]);
-    }
+    load_group<__half, kTermCols, kVec == kTermCols>(e + c0, n, v);
 #pragma unroll
     for (int i = 0; i < kTermCols; ++i) {
       v[i] = (c0 + i == label ? label_grad : grad(v[i] * to_p)) * inv_factor;
     }
-    if (kVec == kTermCols && n == kTermCols) {
-      store_vec<__half, kTermCols>(e + c0, v);
-    } else {
-      for (int i = 0; i < n; ++i) e[c0 + i] = __float2half_rn(v[i]);
-    }
+    store_group<__half, kTermCols, kVec == kTermCols>(e + c0, n, v);
   }
 }
 
@@ -249,9 +225,9 @@ Status launch_cast(const CastArgs& a, cudaStream_t stream) {
   if (a.rows < 0 || a.cols < 0 || a.ld_src < a.cols || a.ld_dst < a.cols || !a.src || !a.dst) {
     return invalid("cast: need rows, cols >= 0, ld_src and ld_dst >= cols, src and dst");
   }
-  return dispatch_any(a.src_type, [&](auto src_tag) {
+  return dispatch_dtype(a.src_type, [&](auto src_tag) {
     using Src = typename decltype(src_tag)::type;
-    return dispatch_any(a.dst_type, [&](auto dst_tag) {
+    return dispatch_dtype(a.dst_type, [&](auto dst_tag) {
       using Dst = typename decltype(dst_tag)::type;
       const bool vec = is_aligned(a.src, kCastVec * sizeof(Src)) && a.ld_src % kCastVec == 0 &&
                        is_aligned(a.dst, kCastVec * sizeof(Dst)) && a.ld_dst % kCastVec == 0;
