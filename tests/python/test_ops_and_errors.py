@@ -177,7 +177,6 @@ def test_plan_compact_forward_blocks(device):
         assert lean["compact_backward_blocks"] and not lean["compact_forward_blocks"]
 
 
-
 def test_plan_shifted_terms(device):
     """Row-shifted terms where grad_in_forward keeps compact blocks and accumulates dW in fp32
     (gemma2 at the default budget: 2048-token chunks); not when one group of dZ covers every
@@ -195,6 +194,7 @@ def test_plan_shifted_terms(device):
         flce.plan(*shape, torch.bfloat16, device, strategy="grad_in_forward", softcap=30.0),
     ):
         assert other["shifted_terms"] is False
+
 
 # -- errors: every message names the argument ------------------------------------------------
 
