@@ -1,5 +1,5 @@
 """How flce's fwd+bwd time depends on the memory budget: the measurement behind the default
-budget (flce.DEFAULT_MEMORY_BUDGET, see README).
+budget (flce.default_memory_budget, see README).
 
 For each benchmark shape (bf16, lm-like data, 10% ignored labels) and each budget, runs
 flce.linear_cross_entropy with strategy="auto" and reports the plan the planner chose, the median

@@ -354,7 +354,9 @@ std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hid
                              bool has_bias, bool grad_x, bool grad_weight, bool grad_bias,
                              bool grad_lse, int64_t memory_budget, int64_t strategy,
                              bool has_softcap, bool has_weighted_smoothing, bool compute_metrics) {
-  TORCH_CHECK_VALUE(memory_budget > 0, "memory_budget: expected a positive number of bytes, got ",
+  TORCH_CHECK_VALUE(memory_budget >= 0,
+                    "memory_budget: expected a positive number of bytes (or 0 for the default), "
+                    "got ",
                     memory_budget);
   TORCH_CHECK_VALUE(strategy >= 0 && strategy <= 2,
                     "strategy: expected 0 (auto), 1 (grad_in_forward) or 2 (recompute), got ",
@@ -377,8 +379,10 @@ std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hid
   std::optional<c10::DeviceGuard> guard;
   if (device.is_cuda() && device.has_index() && cuda_available()) guard.emplace(device);
   Plan plan;
-  check_status(make_plan(p, to_device(device, "device"), static_cast<size_t>(memory_budget),
-                         static_cast<Strategy>(strategy), &plan));
+  const size_t budget =
+      memory_budget == 0 ? default_memory_budget(p) : static_cast<size_t>(memory_budget);
+  check_status(
+      make_plan(p, to_device(device, "device"), budget, static_cast<Strategy>(strategy), &plan));
   return {static_cast<int64_t>(plan.strategy),
           plan.forward_token_chunk,
           plan.dw_group_tokens,
@@ -396,7 +400,16 @@ std::vector<int64_t> plan_op(int64_t num_tokens, int64_t vocab_size, int64_t hid
           static_cast<int64_t>(plan.shifted_terms)};
 }
 
-int64_t default_memory_budget_op() { return static_cast<int64_t>(kDefaultMemoryBudget); }
+int64_t default_memory_budget_op(int64_t num_tokens, int64_t vocab_size, int64_t hidden_size) {
+  TORCH_CHECK_VALUE(num_tokens >= 0 && vocab_size >= 0 && hidden_size >= 0,
+                    "default_memory_budget: expected sizes >= 0, got num_tokens ", num_tokens,
+                    ", vocab_size ", vocab_size, ", hidden_size ", hidden_size);
+  Problem p;
+  p.num_tokens = num_tokens;
+  p.vocab_size = vocab_size;
+  p.hidden_size = hidden_size;
+  return static_cast<int64_t>(default_memory_budget(p));
+}
 bool cuda_available_op() { return cuda_available(); }
 
 // ---------------------------------------------------------------------------------------------
@@ -609,7 +622,8 @@ TORCH_LIBRARY(flce, m) {
       "bool grad_lse, int memory_budget, int strategy, bool has_softcap=False, "
       "bool has_weighted_smoothing=False, bool compute_metrics=False) -> int[]",
       &plan_op);
-  m.def("default_memory_budget() -> int", &default_memory_budget_op);
+  m.def("default_memory_budget(int num_tokens, int vocab_size, int hidden_size) -> int",
+        &default_memory_budget_op);
   m.def("scale_(Tensor(a!) grad, Tensor scale) -> ()");
   m.def("cuda_available() -> bool", &cuda_available_op);
   // grad_x / grad_weight / grad_bias: compute those gradients in the forward (plan strategy

@@ -7,14 +7,13 @@ See flce.functional for the options and their exact semantics.
 
 from . import _ops  # noqa: F401  (registers fake kernels and autograd of torch.ops.flce.*)
 from .functional import (
-    DEFAULT_MEMORY_BUDGET,
     cross_entropy,
     cuda_available,
+    default_memory_budget,
     linear_cross_entropy,
     plan,
 )
 from .modules import CrossEntropyLoss, LinearCrossEntropy, LinearCrossEntropyLoss
-
 
 
 def patch(model, **options):
@@ -26,12 +25,12 @@ def patch(model, **options):
 
 
 __all__ = [
-    "DEFAULT_MEMORY_BUDGET",
     "CrossEntropyLoss",
     "LinearCrossEntropy",
     "LinearCrossEntropyLoss",
     "cross_entropy",
     "cuda_available",
+    "default_memory_budget",
     "linear_cross_entropy",
     "patch",
     "plan",

@@ -16,10 +16,16 @@ import torch
 
 from . import _ops
 
-DEFAULT_MEMORY_BUDGET: int = int(torch.ops.flce.default_memory_budget())
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def default_memory_budget(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """The working memory a call gets when memory_budget is None, in bytes:
+    min(N * V * 2, V * D * 4) + 512 MiB, what any method that computes each logit once must hold
+    (the 16-bit logits of all tokens, or an fp32 dW accumulator) plus 512 MiB."""
+    return int(torch.ops.flce.default_memory_budget(num_tokens, vocab_size, hidden_size))
 
 
 def cuda_available() -> bool:
@@ -82,8 +88,9 @@ def _strategy_code(strategy) -> int:
 
 
 def _budget(memory_budget) -> int:
+    """The budget for the planner: 0 asks for default_memory_budget of the call's sizes."""
     if memory_budget is None:
-        return DEFAULT_MEMORY_BUDGET
+        return 0
     budget = _int_option("memory_budget", memory_budget)
     if budget <= 0:
         raise ValueError(f"memory_budget: expected a positive number of bytes, got {budget}")
@@ -218,7 +225,7 @@ def linear_cross_entropy(
             (requesting it with gradients selects the recompute strategy).
         return_metrics: also return a dict of float32 0-d tensors: max_logit, logit_norm,
             entropy, lse_squared, accuracy, valid_tokens (over non-ignored positions).
-        memory_budget: bytes of working memory (None: DEFAULT_MEMORY_BUDGET).
+        memory_budget: bytes of working memory (None: default_memory_budget(N, V, D)).
         strategy: "auto", "grad_in_forward" (gradients in the forward, backward rescales) or
             "recompute" (forward keeps the LSE, backward recomputes the logits).
         validate_labels: on CUDA, check labels eagerly (one host synchronization) and raise
@@ -425,13 +432,14 @@ def plan(
     recompute backward's loop order ("vocab_outer" or "token_outer"), the GEMM scratch, the
     forward / backward workspace bytes, whether the backend's fused logits GEMMs may run
     ("auto", "always" or "off") and whether the blocks are compact: forward blocks that hold only
-    partial row statistics, or for grad_in_forward the fp16 terms that become dZ
+    partial row statistics, or for grad_in_forward the 16-bit terms that become dZ
     (compact_forward_blocks), and recompute backward blocks that hold only dZ
     (compact_backward_blocks), where the fused GEMMs are expected to serve the call, and
     whether grad_in_forward's compact blocks keep row-shifted terms that the dx and dW GEMMs
-    read as they are (shifted_terms; see flce::Plan). `softcap`, `class_weighted_smoothing` (class weights with label smoothing) and
-    `return_metrics` matter because the fused GEMMs do not serve them. Raises ValueError when the
-    budget is too small (the message gives the minimum)."""
+    read as they are (shifted_terms; see flce::Plan), and the budget it was made for
+    (memory_budget). `softcap`, `class_weighted_smoothing` (class weights with label
+    smoothing) and `return_metrics` matter because the fused GEMMs do not serve them. Raises
+    ValueError when the budget is too small (the message gives the minimum)."""
     for name, value in (
         ("num_tokens", num_tokens),
         ("vocab_size", vocab_size),
@@ -459,6 +467,9 @@ def plan(
         bool(return_metrics),
     )
     out = dict(zip(_ops.PLAN_FIELDS, values))
+    out["memory_budget"] = _budget(memory_budget) or default_memory_budget(
+        num_tokens, vocab_size, hidden_size
+    )
     out["strategy"] = _ops.STRATEGY_NAMES[out["strategy"]]
     out["backward_order"] = _ops.BACKWARD_ORDER_NAMES[out["backward_order"]]
     out["fused_logits"] = _ops.FUSED_LOGITS_NAMES[out["fused_logits"]]

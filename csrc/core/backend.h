@@ -99,8 +99,9 @@ struct RowForwardArgs {
   int64_t tile_exp_ld = 0;
   // With tile_exp, row-shifted terms (Plan::shifted_terms): row r's terms are stored as
   // exp(z - row_shift[r]) in every tile where tile_takes_row_shift(tile max, row_shift[r]) holds,
-  // else under the tile's max as above (-inf: always the tile's max). rows_forward then also
-  // writes each row's max to row_max[r] when it is set.
+  // else under the tile's max as above (-inf: always the tile's max), and in the input dtype
+  // instead of fp16 (the dx GEMM reads them with W as it is). rows_forward then also writes each
+  // row's max to row_max[r] when it is set.
   const float* row_shift = nullptr;
   float* row_max = nullptr;
 };
@@ -178,10 +179,11 @@ struct LabelShiftArgs {
 };
 
 // Turns a block of row-shifted terms (RowForwardArgs::row_shift) into what the dx and dW GEMMs
-// read, once the rows' LSE is known: per row (ShiftedRow), row_factor[r] = its factor, x16 = fp16
-// (factor * x_r), and the terms in place: the label's term for kept rows, every term for
-// rewritten rows. grad (a RowGradArgs of the block: labels, options, scalars, lse, tile_exp and
-// partials) gives each row's coefficients for an upstream gradient of 1, which the caller applies.
+// read, once the rows' LSE is known: per row (ShiftedRow), row_factor[r] = its factor, x_scaled =
+// factor * x_r, and the terms in place: the label's term for kept rows, every term for rewritten
+// rows. The terms (grad.dz_type) and x_scaled are in x's dtype. grad (a RowGradArgs of the block:
+// labels, options, scalars, lse, tile_exp and partials) gives each row's coefficients for an
+// upstream gradient of 1, which the caller applies.
 struct ShiftedRowsArgs {
   RowGradArgs grad;
   const float* shift = nullptr;     // [rows]
@@ -192,7 +194,7 @@ struct ShiftedRowsArgs {
   DType x_type = DType::kBFloat16;
   int64_t hidden = 0;
   float* row_factor = nullptr;  // [rows]
-  void* x16 = nullptr;          // fp16 [rows, hidden], pitch hidden
+  void* x_scaled = nullptr;     // x_type [rows, hidden], pitch hidden
 };
 
 // dst[r, c] = src[r, c] * (row_factor[r] * factor[0]) in dst_type, for r < rows, c < cols (a null

@@ -400,20 +400,23 @@ Status grad_block(Backend& be, const Plan& plan, bool compact, const LogitsOpera
   return be.rows_grad(rg);
 }
 
-// The fp32 accumulator of dx rows [t0, t0 + rows) of a recompute backward with 16-bit dx: its
-// first `borrowed_rows` rows in the end of dx itself (rows >= t0 of dx are not written yet; see
-// dx_accumulator_borrows_dx), the others in the workspace. Without borrowing, all rows are in the
-// workspace, or dx is the accumulator (fp32 dx, or one vocabulary chunk: no accumulator).
-struct DxAccumulator {
+// An fp32 accumulator of a GEMM's `rows` x n output for a 16-bit result, split in two: its first
+// `borrowed_rows` rows in the result's own bytes, which hold nothing until the accumulator is
+// converted into them (the end of dx in a recompute backward, dx_accumulator_borrows_dx; all of dW
+// in grad-in-forward, dw_accumulator_borrowed_rows), the others in the workspace. Without
+// borrowing all rows are in the workspace.
+struct SplitAccumulator {
   float* borrowed = nullptr;  // rows [0, borrowed_rows)
   int64_t borrowed_rows = 0;
   float* own = nullptr;  // rows [borrowed_rows, rows), in the workspace
   int64_t rows = 0;
 };
 
-DxAccumulator dx_accumulator(const BackwardParams& p, bool borrow, float* workspace_rows,
-                             int64_t t0, int64_t rows) {
-  DxAccumulator acc;
+// The accumulator of dx rows [t0, t0 + rows) of a recompute backward with 16-bit dx: its borrowed
+// rows in the last bytes of dx (rows >= t0 of dx are not written yet).
+SplitAccumulator dx_accumulator(const BackwardParams& p, bool borrow, float* workspace_rows,
+                                int64_t t0, int64_t rows) {
+  SplitAccumulator acc;
   acc.own = workspace_rows;
   acc.rows = rows;
   if (borrow) {
@@ -426,62 +429,23 @@ DxAccumulator dx_accumulator(const BackwardParams& p, bool borrow, float* worksp
   return acc;
 }
 
-// dx rows of the accumulator (+)= dZ W[v0:v0 + cols] (dz: `acc.rows` rows of pitch ldz): one GEMM
-// per part.
-Status accumulate_dx(Backend& be, const BackwardParams& p, const DxAccumulator& acc, const void* dz,
-                     int64_t ldz, DType dz_type, int64_t v0, int64_t cols) {
-  const int64_t d = p.hidden_size;
-  const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
-  if (acc.borrowed_rows > 0) {
-    FLCE_RETURN_IF_ERROR(
-        be.gemm(make_gemm(acc.borrowed_rows, d, cols, {dz, ldz, dz_type, false},
-                          {w_chunk, d, p.dtype, false}, acc.borrowed, d, DType::kFloat32, v0 > 0)));
-  }
-  const int64_t own_rows = acc.rows - acc.borrowed_rows;
-  if (own_rows > 0) {
-    FLCE_RETURN_IF_ERROR(be.gemm(make_gemm(
-        own_rows, d, cols, {offset_ptr(dz, acc.borrowed_rows * ldz, dz_type), ldz, dz_type, false},
-        {w_chunk, d, p.dtype, false}, acc.own, d, DType::kFloat32, v0 > 0)));
-  }
-  return Status::Ok();
+// `a` from row m of the product on.
+Operand from_row(Operand a, int64_t m) {
+  a.ptr = offset_ptr(a.ptr, a.transposed ? m : m * a.ld, a.type);
+  return a;
 }
 
-// dst[i] = src[i] in dst_type (16-bit) where dst may overlap src from below (dst <= src in bytes):
-// in runs [lo, hi) whose output ends before the input of element lo, so no run overwrites an
-// input it has not read yet (one element first when dst == src, then runs that double).
-Status convert_narrowing_in_place(Backend& be, const float* src, void* dst, DType dst_type,
-                                  int64_t count) {
-  const int64_t out_size = static_cast<int64_t>(dtype_size(dst_type));
-  const int64_t gap =
-      static_cast<const char*>(static_cast<const void*>(src)) - static_cast<const char*>(dst);
-  if (gap < 0 || out_size >= static_cast<int64_t>(sizeof(float))) {
-    return Status::Error(
-        StatusCode::kBackendError,
-        "convert_narrowing_in_place: expects a 16-bit output at or below its input");
-  }
-  const int64_t in_size = static_cast<int64_t>(sizeof(float));
-  for (int64_t lo = 0; lo < count;) {
-    // Output bytes [lo * out, hi * out) must end at or before the input of lo: gap + lo * in.
-    const int64_t hi = std::min(count, std::max(lo + 1, (gap + lo * in_size) / out_size));
-    FLCE_RETURN_IF_ERROR(be.convert(src + lo, offset_ptr(dst, lo, dst_type), dst_type, hi - lo));
-    lo = hi;
-  }
-  return Status::Ok();
-}
-
-// dx rows [t0, t0 + acc.rows) from their accumulator: the borrowed part first (its output lies
-// below its input and may overlap it), then the workspace part, whose output may cover the
-// borrowed part's input.
-Status finish_dx(Backend& be, const BackwardParams& p, const DxAccumulator& acc, int64_t t0) {
-  const int64_t d = p.hidden_size;
+// The accumulator's rows (+)= a b (k terms each, n columns): one GEMM per part.
+Status accumulate_gemm(Backend& be, const SplitAccumulator& acc, int64_t n, int64_t k, Operand a,
+                       Operand b, bool accumulate) {
   if (acc.borrowed_rows > 0) {
-    FLCE_RETURN_IF_ERROR(convert_narrowing_in_place(
-        be, acc.borrowed, offset_ptr(p.grad_x, t0 * d, p.dtype), p.dtype, acc.borrowed_rows * d));
+    FLCE_RETURN_IF_ERROR(be.gemm(
+        make_gemm(acc.borrowed_rows, n, k, a, b, acc.borrowed, n, DType::kFloat32, accumulate)));
   }
   const int64_t own_rows = acc.rows - acc.borrowed_rows;
   if (own_rows == 0) return Status::Ok();
-  return be.convert(acc.own, offset_ptr(p.grad_x, (t0 + acc.borrowed_rows) * d, p.dtype), p.dtype,
-                    own_rows * d);
+  return be.gemm(make_gemm(own_rows, n, k, from_row(a, acc.borrowed_rows), b, acc.own, n,
+                           DType::kFloat32, accumulate));
 }
 
 // dst = src * (row_factor[r] * factor) in dst_type over `rows` contiguous rows of `cols` elements
@@ -503,6 +467,45 @@ Status cast_rows(Backend& be, const void* src, DType src_type, void* dst, DType 
   return be.cast(c);
 }
 
+// dst[i] = src[i] * factor (null for 1) in dst_type (16-bit), where dst may overlap src from below
+// (dst <= src in bytes): in runs [lo, hi) whose output ends before the input of element lo, so no
+// run overwrites an input it has not read yet (one element first when dst == src, then runs that
+// double).
+Status cast_narrowing_in_place(Backend& be, const float* src, void* dst, DType dst_type,
+                               int64_t count, const float* factor) {
+  const int64_t out_size = static_cast<int64_t>(dtype_size(dst_type));
+  const int64_t gap =
+      static_cast<const char*>(static_cast<const void*>(src)) - static_cast<const char*>(dst);
+  if (gap < 0 || out_size >= static_cast<int64_t>(sizeof(float))) {
+    return Status::Error(StatusCode::kBackendError,
+                         "cast_narrowing_in_place: expects a 16-bit output at or below its input");
+  }
+  const int64_t in_size = static_cast<int64_t>(sizeof(float));
+  for (int64_t lo = 0; lo < count;) {
+    // Output bytes [lo * out, hi * out) must end at or before the input of lo: gap + lo * in.
+    const int64_t hi = std::min(count, std::max(lo + 1, (gap + lo * in_size) / out_size));
+    FLCE_RETURN_IF_ERROR(cast_rows(be, src + lo, DType::kFloat32, offset_ptr(dst, lo, dst_type),
+                                   dst_type, 1, hi - lo, nullptr, factor));
+    lo = hi;
+  }
+  return Status::Ok();
+}
+
+// dst (16-bit, `acc.rows` rows of n) = the accumulator times factor (null for 1): the borrowed
+// part first (its output lies at or below its input and may overlap it), then the workspace part,
+// whose output may cover the borrowed part's input.
+Status finish_accumulator(Backend& be, const SplitAccumulator& acc, int64_t n, void* dst,
+                          DType dst_type, const float* factor) {
+  if (acc.borrowed_rows > 0) {
+    FLCE_RETURN_IF_ERROR(
+        cast_narrowing_in_place(be, acc.borrowed, dst, dst_type, acc.borrowed_rows * n, factor));
+  }
+  const int64_t own_rows = acc.rows - acc.borrowed_rows;
+  if (own_rows == 0) return Status::Ok();
+  return cast_rows(be, acc.own, DType::kFloat32, offset_ptr(dst, acc.borrowed_rows * n, dst_type),
+                   dst_type, own_rows, n, nullptr, factor);
+}
+
 // Whether a call's options let grad-in-forward keep row-shifted terms (Plan::shifted_terms): dZ
 // must be a per-row multiple of p except at the label (no smoothing, class weights or soft-cap;
 // no bias, which the fused GEMM does not add).
@@ -512,18 +515,18 @@ bool shifted_terms_serve(const ForwardParams& p) {
 }
 
 // One token chunk of grad-in-forward with row-shifted terms (rf: the chunk's row arguments with
-// its compact block carved; sl_base: the chunk buffers of ShiftedLayout sl; w16: W in fp16 for
-// the dx GEMM; g: the upstream factor, null for 1). The GEMMs read the fp16 terms as they are:
-// dx rows = g * factor * (e' W), dW += e'^T (factor * x), the dW factor g applied when the
-// accumulator is converted.
+// its compact block carved; sl_base: the chunk buffers of ShiftedLayout sl; g: the upstream
+// factor, null for 1; dw: the fp32 dW accumulator). The GEMMs read the terms as they are, in the
+// input dtype: dx rows = g * factor * (e' W), dW += e'^T (factor * x), the dW factor g applied
+// when the accumulator is converted.
 Status shifted_chunk(Backend& be, const ForwardParams& p, const LogitsOperands& op,
-                     RowForwardArgs rf, char* sl_base, const ShiftedLayout& sl, const void* w16,
-                     const float* g, float* dw_accum) {
+                     RowForwardArgs rf, char* sl_base, const ShiftedLayout& sl, const float* g,
+                     const SplitAccumulator& dw) {
   const int64_t rows = rf.rows, v = p.vocab_size, d = p.hidden_size;
   float* shift = reinterpret_cast<float*>(sl_base + sl.shift);
   float* row_max = reinterpret_cast<float*>(sl_base + sl.row_max);
   float* row_factor = reinterpret_cast<float*>(sl_base + sl.row_factor);
-  void* x16 = sl_base + sl.x16;
+  void* x_scaled = sl_base + sl.x_scaled;
 
   LabelShiftArgs ls;
   ls.x = op.x;
@@ -547,7 +550,7 @@ Status shifted_chunk(Backend& be, const ForwardParams& p, const LogitsOperands& 
   FLCE_RETURN_IF_ERROR(be.rows_forward(rf));
 
   ShiftedRowsArgs sr;
-  sr.grad = grad_from_exp_args(rf, rf.tile_exp, rf.tile_exp_ld, DType::kFloat16);
+  sr.grad = grad_from_exp_args(rf, rf.tile_exp, rf.tile_exp_ld, p.dtype);
   sr.shift = shift;
   sr.row_max = row_max;
   sr.target_z = rf.target_z;
@@ -556,23 +559,20 @@ Status shifted_chunk(Backend& be, const ForwardParams& p, const LogitsOperands& 
   sr.x_type = p.dtype;
   sr.hidden = d;
   sr.row_factor = row_factor;
-  sr.x16 = x16;
+  sr.x_scaled = x_scaled;
   FLCE_RETURN_IF_ERROR(be.shifted_rows(sr));
 
-  const void* terms = rf.tile_exp;
-  const int64_t ld = rf.tile_exp_ld;
+  const Operand terms{rf.tile_exp, rf.tile_exp_ld, p.dtype, false};
   if (p.grad_x) {
     float* dx32 = reinterpret_cast<float*>(sl_base + sl.dx);
-    FLCE_RETURN_IF_ERROR(
-        be.gemm(make_gemm(rows, d, v, {terms, ld, DType::kFloat16, false},
-                          {w16, d, DType::kFloat16, false}, dx32, d, DType::kFloat32, false)));
+    FLCE_RETURN_IF_ERROR(be.gemm(make_gemm(rows, d, v, terms, {p.weight, d, p.dtype, false}, dx32,
+                                           d, DType::kFloat32, false)));
     FLCE_RETURN_IF_ERROR(cast_rows(be, dx32, DType::kFloat32,
                                    offset_ptr(p.grad_x, rf.row_offset * d, p.dtype), p.dtype, rows,
                                    d, row_factor, g));
   }
-  return be.gemm(make_gemm(v, d, rows, {terms, ld, DType::kFloat16, true},
-                           {x16, d, DType::kFloat16, false}, dw_accum, d, DType::kFloat32,
-                           rf.row_offset > 0));
+  return accumulate_gemm(be, dw, d, rows, {terms.ptr, terms.ld, p.dtype, true},
+                         {x_scaled, d, p.dtype, false}, rf.row_offset > 0);
 }
 
 }  // namespace
@@ -667,28 +667,29 @@ Status run_forward(Device device, const ForwardParams& p) {
   }
   RowCarry* carry = block_cols < v ? reinterpret_cast<RowCarry*>(at(ws, l.row_carry)) : nullptr;
   const bool in_place = dz_in_place(plan);
-  // Row-shifted terms where the plan and the call's options allow them. The dx GEMM reads W in
-  // fp16: W itself, or a copy in grad_weight's bytes, which hold nothing until the fp32 dW
-  // accumulator is converted into them at the end.
+  // Row-shifted terms where the plan and the call's options allow them.
   const bool shifted = gif_compact && shifted_terms(prob, plan) && shifted_terms_serve(p);
   const ShiftedLayout shifted_l =
-      shifted ? shifted_layout(plan.forward_token_chunk, d, p.grad_x != nullptr) : ShiftedLayout{};
+      shifted ? shifted_layout(plan.forward_token_chunk, d, p.dtype, p.grad_x != nullptr)
+              : ShiftedLayout{};
   // The upstream factor of every row (mean: 1 / denominator), applied to dx and dW at the end.
   const float* shifted_g =
       p.options.reduction == Reduction::kMean ? scalars + kScalarInvDenominator : nullptr;
-  const void* w16 = p.weight;
-  if (shifted && p.grad_x && p.dtype != DType::kFloat16) {
-    FLCE_RETURN_IF_ERROR(cast_rows(*be, p.weight, p.dtype, p.grad_weight, DType::kFloat16, v, d));
-    w16 = p.grad_weight;
-  }
 
-  // Where dW accumulates: straight into the output when one group covers all tokens, else an
-  // fp32 accumulator (the output itself when it is fp32).
-  void* dw_target = p.grad_weight;
-  DType dw_type = p.dtype;
+  // Where dW accumulates across token chunks with 16-bit W: an fp32 accumulator that borrows
+  // grad_weight's own bytes for its first rows (dw_accumulator_borrowed_rows). Otherwise dW is one
+  // GEMM straight into the output (one group covers all tokens), or accumulates in the fp32 output.
+  SplitAccumulator dw_acc;
   if (p.grad_weight && l.dw_accum != kAbsent) {
-    dw_target = at(ws, l.dw_accum);
-    dw_type = DType::kFloat32;
+    dw_acc.rows = v;
+    dw_acc.borrowed_rows = dw_accumulator_borrowed_rows(v);
+    dw_acc.borrowed = static_cast<float*>(p.grad_weight);
+    dw_acc.own = reinterpret_cast<float*>(at(ws, l.dw_accum));
+    if (dw_acc.borrowed_rows > 0 && reinterpret_cast<uintptr_t>(p.grad_weight) % 16 != 0) {
+      return invalid(
+          "grad_weight must be 16-byte aligned: this plan accumulates dW in fp32 partly in "
+          "grad_weight's own memory");
+    }
   }
   float* db_accum = l.db_accum == kAbsent ? nullptr : reinterpret_cast<float*>(at(ws, l.db_accum));
 
@@ -732,8 +733,7 @@ Status run_forward(Device device, const ForwardParams& p) {
     if (shifted) {
       carve_gif_block(logits, rows, &rf);
       FLCE_RETURN_IF_ERROR(shifted_chunk(*be, p, op, rf, static_cast<char*>(at(ws, l.shifted)),
-                                         shifted_l, w16, shifted_g,
-                                         static_cast<float*>(dw_target)));
+                                         shifted_l, shifted_g, dw_acc));
       continue;
     }
     if (gif_compact) {
@@ -772,10 +772,16 @@ Status run_forward(Device device, const ForwardParams& p) {
     if (p.grad_weight && group_ends) {  // dW (+)= dZ_group^T x_group
       const int64_t group_rows = t0 + rows - group_start;
       const void* dz_group = in_place ? dz : at(ws, l.dz_group);
-      const void* x_group = offset_ptr(p.x, group_start * p.x_row_stride, p.dtype);
-      FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(v, d, group_rows, {dz_group, ldz, dz_type, true},
-                                              {x_group, p.x_row_stride, p.dtype, false}, dw_target,
-                                              d, dw_type, group_start > 0)));
+      const Operand dz_t{dz_group, ldz, dz_type, true};
+      const Operand x_group{offset_ptr(p.x, group_start * p.x_row_stride, p.dtype), p.x_row_stride,
+                            p.dtype, false};
+      if (dw_acc.rows > 0) {
+        FLCE_RETURN_IF_ERROR(
+            accumulate_gemm(*be, dw_acc, d, group_rows, dz_t, x_group, group_start > 0));
+      } else {
+        FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(v, d, group_rows, dz_t, x_group, p.grad_weight, d,
+                                                p.dtype, group_start > 0)));
+      }
     }
   }
 
@@ -796,12 +802,9 @@ Status run_forward(Device device, const ForwardParams& p) {
         FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_weight, v * d * dtype_size(p.dtype)));
       if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_bias, v * dtype_size(p.dtype)));
     } else {
-      if (p.grad_weight && shifted) {  // the accumulator still lacks the upstream factor
-        FLCE_RETURN_IF_ERROR(cast_rows(*be, at(ws, l.dw_accum), DType::kFloat32, p.grad_weight,
-                                       p.dtype, v, d, nullptr, shifted_g));
-      } else if (p.grad_weight && l.dw_accum != kAbsent) {
-        FLCE_RETURN_IF_ERROR(be->convert(reinterpret_cast<float*>(at(ws, l.dw_accum)),
-                                         p.grad_weight, p.dtype, v * d));
+      if (dw_acc.rows > 0) {  // shifted terms: the accumulator still lacks the upstream factor
+        FLCE_RETURN_IF_ERROR(finish_accumulator(*be, dw_acc, d, p.grad_weight, p.dtype,
+                                                shifted ? shifted_g : nullptr));
       }
       if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->convert(db_accum, p.grad_bias, p.dtype, v));
     }
@@ -889,7 +892,7 @@ Status run_backward(Device device, const BackwardParams& p) {
       const void* x_block = offset_ptr(p.x, t0 * p.x_row_stride, p.dtype);
       // dx of this token chunk: straight into the output when it is fp32 or when one vocabulary
       // chunk covers V, else accumulated in fp32 and converted once.
-      const DxAccumulator acc = dx_accumulator(p, borrow_dx, dx_accum, t0, rows);
+      const SplitAccumulator acc = dx_accumulator(p, borrow_dx, dx_accum, t0, rows);
       for (int64_t v0 = 0; v0 < v; v0 += bv) {
         const int64_t cols = std::min(bv, v - v0);
         const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
@@ -899,7 +902,8 @@ Status run_backward(Device device, const BackwardParams& p) {
             *be, plan, compact, logits_operands(p, x_block, rows, v0, cols),
             row_grad_args(p, scalars, logits, rows, cols, t0, v0, logits, ldz, dz_type), logits));
         if (dx_accum) {  // dx[chunk] (+)= dZ W[v0:v0+cols]
-          FLCE_RETURN_IF_ERROR(accumulate_dx(*be, p, acc, logits, ldz, dz_type, v0, cols));
+          FLCE_RETURN_IF_ERROR(accumulate_gemm(*be, acc, d, cols, {logits, ldz, dz_type, false},
+                                               {w_chunk, d, p.dtype, false}, v0 > 0));
         } else if (p.grad_x) {
           FLCE_RETURN_IF_ERROR(be->gemm(
               make_gemm(rows, d, cols, {logits, ldz, dz_type, false}, {w_chunk, d, p.dtype, false},
@@ -923,14 +927,17 @@ Status run_backward(Device device, const BackwardParams& p) {
           FLCE_RETURN_IF_ERROR(be->column_sum(cs));
         }
       }
-      if (dx_accum) FLCE_RETURN_IF_ERROR(finish_dx(*be, p, acc, t0));
+      if (dx_accum) {
+        FLCE_RETURN_IF_ERROR(finish_accumulator(*be, acc, d, offset_ptr(p.grad_x, t0 * d, p.dtype),
+                                                p.dtype, nullptr));
+      }
     }
     if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->convert(db_accum, p.grad_bias, p.dtype, v));
     return Status::Ok();
   }
 
   // Vocabulary-outer: dZ of all N tokens for one vocabulary chunk, then its GEMMs.
-  const DxAccumulator acc = dx_accumulator(p, borrow_dx, dx_accum, 0, n);
+  const SplitAccumulator acc = dx_accumulator(p, borrow_dx, dx_accum, 0, n);
   for (int64_t v0 = 0; v0 < v; v0 += bv) {
     const int64_t cols = std::min(bv, v - v0);
     const void* w_chunk = offset_ptr(p.weight, v0 * d, p.dtype);
@@ -952,7 +959,8 @@ Status run_backward(Device device, const BackwardParams& p) {
           offset_ptr(p.grad_weight, v0 * d, p.dtype), d, p.dtype, false)));
     }
     if (dx_accum) {  // dx (+)= dZ W[v0:v0+cols]
-      FLCE_RETURN_IF_ERROR(accumulate_dx(*be, p, acc, dz_base, ldz, dz_type, v0, cols));
+      FLCE_RETURN_IF_ERROR(accumulate_gemm(*be, acc, d, cols, {dz_base, ldz, dz_type, false},
+                                           {w_chunk, d, p.dtype, false}, v0 > 0));
     } else if (p.grad_x) {
       FLCE_RETURN_IF_ERROR(
           be->gemm(make_gemm(n, d, cols, {dz_base, ldz, dz_type, false},
@@ -971,7 +979,9 @@ Status run_backward(Device device, const BackwardParams& p) {
           be->convert(db_accum, offset_ptr(p.grad_bias, v0, p.dtype), p.dtype, cols));
     }
   }
-  if (dx_accum) FLCE_RETURN_IF_ERROR(finish_dx(*be, p, acc, 0));
+  if (dx_accum) {
+    FLCE_RETURN_IF_ERROR(finish_accumulator(*be, acc, d, p.grad_x, p.dtype, nullptr));
+  }
   return Status::Ok();
 }
 

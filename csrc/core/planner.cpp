@@ -377,6 +377,13 @@ Status validate_problem(const Problem& p) {
   return Status::Ok();
 }
 
+size_t default_memory_budget(const Problem& p) {
+  const auto n = static_cast<size_t>(std::max<int64_t>(p.num_tokens, 0));
+  const auto v = static_cast<size_t>(std::max<int64_t>(p.vocab_size, 0));
+  const auto d = static_cast<size_t>(std::max<int64_t>(p.hidden_size, 0));
+  return std::min(n * v * 2, v * d * 4) + kTargetExtraBytes;
+}
+
 Status make_plan(const Problem& p, Device device, size_t budget, Strategy forced, Plan* plan) {
   if (plan == nullptr) return Status::Error(StatusCode::kInvalidArgument, "plan must not be null");
   Status s = validate_problem(p);

@@ -40,13 +40,13 @@ size_t forward_block_bytes(const Problem& p, const Plan& plan) {
   return static_cast<size_t>(rows) * stats_row;
 }
 
-ShiftedLayout shifted_layout(int64_t rows, int64_t hidden, bool grad_x) {
+ShiftedLayout shifted_layout(int64_t rows, int64_t hidden, DType dtype, bool grad_x) {
   ShiftedLayout l;
   Carver c;
   l.shift = c.take(f32(rows));
   l.row_max = c.take(f32(rows));
   l.row_factor = c.take(f32(rows));
-  l.x16 = c.take(static_cast<size_t>(rows) * hidden * 2);
+  l.x_scaled = c.take(static_cast<size_t>(rows) * hidden * dtype_size(dtype));
   if (grad_x) l.dx = c.take(f32(rows * hidden));
   l.total = c.total();
   return l;
@@ -71,10 +71,13 @@ ForwardLayout forward_layout(const Problem& p, const Plan& plan, const BackendTr
       l.dz_group = c.take(static_cast<size_t>(plan.dw_group_tokens) * v *
                           dtype_size(traits.dz_type(p.dtype)));
     }
-    if (needs_dw_accumulator(p, plan)) l.dw_accum = c.take(f32(v * d));
+    if (needs_dw_accumulator(p, plan)) {
+      l.dw_accum = c.take(f32((v - dw_accumulator_borrowed_rows(v)) * d));
+    }
     if (p.needs_grad_bias) l.db_accum = c.take(f32(v));
     if (shifted_terms(p, plan)) {
-      l.shifted = c.take(shifted_layout(plan.forward_token_chunk, d, p.needs_grad_x).total);
+      l.shifted =
+          c.take(shifted_layout(plan.forward_token_chunk, d, p.dtype, p.needs_grad_x).total);
     }
   }
   const size_t scratch = gemm_scratch_bytes(plan, traits);

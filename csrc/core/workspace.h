@@ -26,7 +26,7 @@ struct ForwardLayout {
                                  // forward_block_bytes
   size_t row_carry = kAbsent;    // RowCarry[N] (when blocks split rows, or compact blocks)
   size_t dz_group = kAbsent;     // dz_type[dw_group_tokens, V] (when the group spans chunks)
-  size_t dw_accum = kAbsent;     // float[V, D]
+  size_t dw_accum = kAbsent;     // float[V - dw_accumulator_borrowed_rows(V), D]
   size_t db_accum = kAbsent;     // float[V]
   size_t shifted = kAbsent;      // ShiftedLayout of forward_token_chunk rows (shifted_terms)
   size_t gemm_scratch = kAbsent;
@@ -38,11 +38,11 @@ struct ShiftedLayout {
   size_t shift = kAbsent;       // float[rows]
   size_t row_max = kAbsent;     // float[rows]
   size_t row_factor = kAbsent;  // float[rows]
-  size_t x16 = kAbsent;         // fp16[rows, D]: factor * x, for dW
+  size_t x_scaled = kAbsent;    // dtype[rows, D]: factor * x, for dW
   size_t dx = kAbsent;          // float[rows, D]: the dx GEMM's output before its row factors
   size_t total = 0;
 };
-ShiftedLayout shifted_layout(int64_t rows, int64_t hidden, bool grad_x);
+ShiftedLayout shifted_layout(int64_t rows, int64_t hidden, DType dtype, bool grad_x);
 
 struct BackwardLayout {
   size_t scalars = kAbsent;
@@ -97,9 +97,16 @@ inline size_t gemm_scratch_bytes(const Plan& plan, const BackendTraits& traits) 
 inline bool needs_dw_accumulator(const Problem& p, const Plan& plan) {
   return p.needs_grad_weight && plan.dw_group_tokens < p.num_tokens && p.dtype != DType::kFloat32;
 }
+// Rows of that fp32 accumulator [V, D] that live in grad_weight's own bytes, which hold nothing
+// until the accumulator is converted into them: as many as V * D * 2 bytes hold, rounded down to
+// 128 rows so that both parts and the operands that feed them stay 256-byte aligned. The
+// workspace holds the others, so the accumulator costs V * D * 2 bytes beyond the gradients
+// instead of V * D * 4.
+inline int64_t dw_accumulator_borrowed_rows(int64_t vocab_size) {
+  return vocab_size / 2 / 128 * 128;
+}
 // Grad-in-forward compact blocks run with row-shifted terms (Plan::shifted_terms) where dW
-// accumulates in fp32: the dx GEMM's fp16 copy of W then lives in grad_weight's bytes, which hold
-// nothing until the accumulator is converted into them.
+// accumulates in fp32.
 inline bool shifted_terms(const Problem& p, const Plan& plan) {
   return plan.shifted_terms && compact_gif(p, plan) && needs_dw_accumulator(p, plan);
 }

@@ -135,8 +135,9 @@ Status launch_logits_stats(const LogitsOperands& op, const RowForwardArgs& a, cu
 #if FLCE_WITH_CUTLASS
   if (a.tile_exp != nullptr) {
     if (a.tile_exp_ld < a.cols) return invalid("logits_stats: tile_exp_ld must be >= cols");
-    return op.dtype == DType::kBFloat16 ? sm90::logits_stats_exp_bf16(op, a, stream)
-                                        : sm90::logits_stats_exp_fp16(op, a, stream);
+    if (op.dtype == DType::kFloat16) return sm90::logits_stats_exp_fp16(op, a, stream);
+    return a.row_shift != nullptr ? sm90::logits_stats_shifted_bf16(op, a, stream)
+                                  : sm90::logits_stats_exp_bf16(op, a, stream);
   }
   return op.dtype == DType::kBFloat16 ? sm90::logits_stats_bf16(op, a, stream)
                                       : sm90::logits_stats_fp16(op, a, stream);

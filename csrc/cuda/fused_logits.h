@@ -49,6 +49,10 @@ Status logits_stats_bf16(const LogitsOperands& op, const RowForwardArgs& args, c
 Status logits_stats_fp16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s);
 Status logits_stats_exp_bf16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s);
 Status logits_stats_exp_fp16(const LogitsOperands& op, const RowForwardArgs& args, cudaStream_t s);
+// Row-shifted bf16 terms for bf16 inputs (RowForwardArgs::row_shift); fp16 inputs take
+// logits_stats_exp_fp16, whose terms are fp16 either way.
+Status logits_stats_shifted_bf16(const LogitsOperands& op, const RowForwardArgs& args,
+                                 cudaStream_t s);
 Status logits_grad_bf16(const LogitsOperands& op, const RowGradArgs& args, cudaStream_t s);
 Status logits_grad_fp16(const LogitsOperands& op, const RowGradArgs& args, cudaStream_t s);
 }  // namespace sm90

@@ -1,14 +1,14 @@
 // Row-shifted terms (Plan::shifted_terms): the kernels around the fused statistics GEMM that let
-// grad-in-forward's dx and dW GEMMs read its fp16 terms as they are.
+// grad-in-forward's dx and dW GEMMs read its terms as they are (in the input dtype).
 //
 // label_shift: each row's shift before the GEMM, the label's logit from a dot product (one warp
 // per row). Its rounding differs from the GEMM's, which does not matter: the shift only has to be
 // the same number wherever it is used, and the label's own term is recomputed from the GEMM's
 // logit (ShiftedRow::label_term).
-// shifted_rows: after the LSE, per row (one block): its largest |x|, its ShiftedRow, fp16(factor *
-// x), and the terms in place, the label's alone for kept rows, all of them for rewritten rows.
-// cast: the conversions around them (W to fp16, the dx rows with their factors, the dW
-// accumulator with the upstream factor).
+// shifted_rows: after the LSE, per row (one block): its largest |x|, its ShiftedRow, factor * x,
+// and the terms in place, the label's alone for kept rows, all of them for rewritten rows.
+// cast: the conversions around them (the dx rows with their factors, the dW accumulator with the
+// upstream factor) and the driver's other fp32 -> 16-bit conversions.
 #include <climits>
 
 #include "core/row_math.h"
@@ -56,9 +56,10 @@ __global__ void __launch_bounds__(kShiftRowsPerBlock* kWarpSize)
 // shifted_rows --------------------------------------------------------------------------------
 
 constexpr int kShiftedThreads = 256;
-constexpr int kTermCols = 8;  // columns per access of the terms (16 bytes of fp16)
+constexpr int kTermCols = 8;  // columns per access of the terms (16 bytes)
 static_assert(kPartialStatsCols % kTermCols == 0, "a group of columns lies in one tile");
 
+// XT: the dtype of x, the terms and x_scaled.
 template <typename XT, int kVec>
 __global__ void __launch_bounds__(kShiftedThreads) shifted_rows_kernel(ShiftedRowsArgs a) {
   __shared__ float reduce_smem[kMaxWarps];
@@ -95,24 +96,24 @@ __global__ void __launch_bounds__(kShiftedThreads) shifted_rows_kernel(ShiftedRo
   __syncthreads();
   const ShiftedRow sr = row_shared;
 
-  // fp16(factor * x); exact zeros for a row without gradient, whatever x holds.
-  __half* x16 = static_cast<__half*>(a.x16) + r * a.hidden;
+  // factor * x; exact zeros for a row without gradient, whatever x holds.
+  XT* x_scaled = static_cast<XT*>(a.x_scaled) + r * a.hidden;
   for (int64_t c = threadIdx.x; c < a.hidden; c += blockDim.x) {
-    x16[c] = __float2half_rn(sr.factor == 0.0f ? 0.0f : sr.factor * to_float(x[c]));
+    x_scaled[c] = from_float<XT>(sr.factor == 0.0f ? 0.0f : sr.factor * to_float(x[c]));
   }
   if (sr.factor == 0.0f) return;  // the terms stay finite: this row's factor zeroes them
 
-  __half* e = static_cast<__half*>(g.dz) + r * g.ldz;  // the terms, rewritten in place
+  XT* e = static_cast<XT*>(g.dz) + r * g.ldz;  // the terms, rewritten in place
   const int64_t label = label_shared;
   if (!sr.rewrite) {
-    if (threadIdx.x == 0 && label >= 0) e[label] = __float2half_rn(sr.label_term);
+    if (threadIdx.x == 0 && label >= 0) e[label] = from_float<XT>(sr.label_term);
     return;
   }
   // Rewritten: e' = (slope p - step [c == label]) / factor, p = e exp(tile shift - lse).
   const AffineLogitGrad grad = grad_shared;
   const float lse = g.lse[row];
   const float shift = a.shift[r];
-  // The label's p from the GEMM's fp32 logit, not from its fp16 term: slope p - step cancels
+  // The label's p from the GEMM's fp32 logit, not from its 16-bit term: slope p - step cancels
   // where p is large, and would multiply the term's rounding.
   const float label_grad =
       label >= 0 ? grad(softmax_exp(a.target_z[r] - lse)) - grad.target_step : 0.0f;
@@ -125,12 +126,12 @@ __global__ void __launch_bounds__(kShiftedThreads) shifted_rows_kernel(ShiftedRo
     const float to_p = softmax_exp(tile_shift - lse);
     const int n = g.cols - c0 < kTermCols ? static_cast<int>(g.cols - c0) : kTermCols;
     float v[kTermCols];
-    load_group<__half, kTermCols, kVec == kTermCols>(e + c0, n, v);
+    load_group<XT, kTermCols, kVec == kTermCols>(e + c0, n, v);
 #pragma unroll
     for (int i = 0; i < kTermCols; ++i) {
       v[i] = (c0 + i == label ? label_grad : grad(v[i] * to_p)) * inv_factor;
     }
-    store_group<__half, kTermCols, kVec == kTermCols>(e + c0, n, v);
+    store_group<XT, kTermCols, kVec == kTermCols>(e + c0, n, v);
   }
 }
 
@@ -191,15 +192,15 @@ Status launch_shifted_rows(const ShiftedRowsArgs& a, cudaStream_t stream) {
   if (g.rows < 0 || g.rows > INT_MAX || g.cols != g.vocab_size || g.col_offset != 0) {
     return invalid("shifted_rows: needs whole rows (cols == vocab_size) and rows in [0, INT_MAX]");
   }
-  if (!g.dz || g.dz != g.tile_exp || g.ldz != g.tile_exp_ld || g.dz_type != DType::kFloat16 ||
+  if (!g.dz || g.dz != g.tile_exp || g.ldz != g.tile_exp_ld || g.dz_type != a.x_type ||
       !g.partials || !g.lse || !g.labels || !g.scalars || !a.shift || !a.row_max || !a.target_z ||
-      !a.x || !a.row_factor || !a.x16 ||
+      !a.x || !a.row_factor || !a.x_scaled ||
       g.partials_ld < (g.cols + kPartialStatsCols - 1) / kPartialStatsCols ||
       g.tile_exp_ld < g.cols || a.ldx < a.hidden) {
     return invalid(
-        "shifted_rows: needs the terms as tile_exp and dz (fp16, the same pitch >= cols), "
+        "shifted_rows: needs the terms as tile_exp and dz (x's dtype, the same pitch >= cols), "
         "partials, lse, labels, scalars, shift, row_max, target_z, x (ldx >= hidden), "
-        "row_factor and x16");
+        "row_factor and x_scaled");
   }
   if (g.bias || g.class_weight || g.grad_lse || g.options.softcap > 0.0f ||
       g.options.label_smoothing > 0.0f) {
@@ -229,8 +230,11 @@ Status launch_cast(const CastArgs& a, cudaStream_t stream) {
     using Src = typename decltype(src_tag)::type;
     return dispatch_dtype(a.dst_type, [&](auto dst_tag) {
       using Dst = typename decltype(dst_tag)::type;
-      const bool vec = is_aligned(a.src, kCastVec * sizeof(Src)) && a.ld_src % kCastVec == 0 &&
-                       is_aligned(a.dst, kCastVec * sizeof(Dst)) && a.ld_dst % kCastVec == 0;
+      // One row needs no pitch that keeps later rows aligned.
+      const bool one_row = a.rows == 1;
+      const bool vec =
+          is_aligned(a.src, kCastVec * sizeof(Src)) && (one_row || a.ld_src % kCastVec == 0) &&
+          is_aligned(a.dst, kCastVec * sizeof(Dst)) && (one_row || a.ld_dst % kCastVec == 0);
       const int64_t vec_width = vec ? kCastVec : 1;
       const int64_t work = a.rows * ((a.cols + vec_width - 1) / vec_width);
       // A grid-stride loop: enough blocks to fill the GPU several times over.

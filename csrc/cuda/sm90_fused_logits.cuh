@@ -182,8 +182,10 @@ __device__ __forceinline__ void store_row_16bit(T* out, const float (&v)[kCols],
 // the tile, in fp16 at a.tile_exp (the terms of the sum, so one exp2 serves both); the row kernel
 // turns them into dZ once the row's LSE is known. fp16, not bf16: e lies in [0, 1], where fp16
 // carries 3 more bits, and dZ's accuracy rests on them. With a.row_shift (Plan::shifted_terms) a
-// tile's terms are exp(z - s) under its row's shift s instead, where they fit fp16.
-template <bool kStoreExp>
+// tile's terms are exp(z - s) under its row's shift s instead, where they fit fp16; those are
+// instantiated with TermT the input dtype, so that the dx GEMM reads them with W as it is (an fp16
+// copy of a bf16 W would cost V * D * 2 bytes).
+template <bool kStoreExp, class TermT = __half>
 struct StatsMath {
   using Args = RowForwardArgs;
   static constexpr bool kPartialPerTile = true;
@@ -258,8 +260,8 @@ struct StatsMath {
       quad_merge(st);
       if (m < rows && (threadIdx.x % 4) == 0) a.partials[m * a.partials_ld + n_tile] = st;
       if constexpr (kStoreExp) {
-        __half* out = static_cast<__half*>(a.tile_exp) +
-                      static_cast<int64_t>(m < rows ? m : 0) * a.tile_exp_ld;
+        TermT* out = static_cast<TermT*>(a.tile_exp) +
+                     static_cast<int64_t>(m < rows ? m : 0) * a.tile_exp_ld;
         store_row_16bit(out, e, crd, r, cols, m < rows);
       }
     }

@@ -169,9 +169,11 @@ struct Plan {
   size_t min_budget_bytes = 0;
 };
 
-// Default budget for working memory beyond inputs and outputs (see README: chosen so the fast
-// strategy runs at the benchmark shapes).
-constexpr size_t kDefaultMemoryBudget = size_t(4) << 30;
+// The default budget for working memory beyond inputs and outputs: what any method that computes
+// each logit once (6 N V D flops) must hold, the 16-bit logits of all tokens or an fp32 dW
+// accumulator, plus 512 MiB: min(N V 2, V D 4) + 512 MiB bytes. Measured to run the fastest plans
+// within a few percent at the benchmark shapes (README, "The default budget").
+size_t default_memory_budget(const Problem& problem);
 
 // Chooses the strategy and chunking for `problem` on `device` within `memory_budget_bytes`.
 // `forced` = kAuto lets the planner choose. Fails with kBudgetTooSmall (message gives the minimum)

@@ -21,13 +21,30 @@ Case budget_case() {
   return c;
 }
 
+// min(N V 2, V D 4) + 512 MiB: the 16-bit logits of all tokens or an fp32 dW accumulator, the
+// smaller, and 512 MiB.
+TEST(Budget, DefaultIsTheSingleLogitsPassFloorPlus512MiB) {
+  constexpr size_t kMiB = size_t(1) << 20;
+  Problem p;
+  p.num_tokens = 8192;  // Llama-3 8B's head: the logits are the smaller
+  p.vocab_size = 128256;
+  p.hidden_size = 4096;
+  EXPECT_EQ(default_memory_budget(p), size_t(8192) * 128256 * 2 + 512 * kMiB);
+  p.num_tokens = 16384;  // Qwen-0.5B's: the accumulator
+  p.vocab_size = 151936;
+  p.hidden_size = 896;
+  EXPECT_EQ(default_memory_budget(p), size_t(151936) * 896 * 4 + 512 * kMiB);
+  p.num_tokens = 0;
+  EXPECT_EQ(default_memory_budget(p), 512 * kMiB);
+}
+
 TEST(Budget, PlansStayWithinTheBudget) {
   for (DType t : {DType::kFloat32, DType::kBFloat16}) {
     Case c = budget_case();
     c.dtype = t;
     const Problem prob = make_problem(c);
     Plan roomy;
-    ASSERT_TRUE(make_plan(prob, Device::kCpu, kDefaultMemoryBudget, Strategy::kAuto, &roomy).ok());
+    ASSERT_TRUE(make_plan(prob, Device::kCpu, kRoomyBudget, Strategy::kAuto, &roomy).ok());
     const size_t min_budget = roomy.min_budget_bytes;
     ASSERT_GT(min_budget, 0u);
     int gif_plans = 0;
@@ -55,7 +72,7 @@ TEST(Budget, PlansStayWithinTheBudget) {
 TEST(Budget, BelowMinimumIsRefusedWithTheMinimum) {
   const Problem prob = make_problem(budget_case());
   Plan roomy;
-  ASSERT_TRUE(make_plan(prob, Device::kCpu, kDefaultMemoryBudget, Strategy::kAuto, &roomy).ok());
+  ASSERT_TRUE(make_plan(prob, Device::kCpu, kRoomyBudget, Strategy::kAuto, &roomy).ok());
   const size_t min_budget = roomy.min_budget_bytes;
   Plan plan;
   const Status s = make_plan(prob, Device::kCpu, min_budget - 1, Strategy::kAuto, &plan);
@@ -67,7 +84,7 @@ TEST(Budget, BelowMinimumIsRefusedWithTheMinimum) {
             StatusCode::kBudgetTooSmall);
   for (Strategy forced : {Strategy::kRecompute, Strategy::kGradInForward}) {
     Plan own;
-    ASSERT_TRUE(make_plan(prob, Device::kCpu, kDefaultMemoryBudget, forced, &own).ok());
+    ASSERT_TRUE(make_plan(prob, Device::kCpu, kRoomyBudget, forced, &own).ok());
     const Status below = make_plan(prob, Device::kCpu, own.min_budget_bytes - 1, forced, &plan);
     EXPECT_EQ(below.code, StatusCode::kBudgetTooSmall);
     EXPECT_NE(below.message.find(std::to_string(own.min_budget_bytes)), std::string::npos)
@@ -87,8 +104,7 @@ TEST(Budget, SmallBudgetsWalkTokensOutermost) {
     c.dtype = t;
     const Problem prob = make_problem(c);
     Plan roomy;
-    ASSERT_TRUE(
-        make_plan(prob, Device::kCpu, kDefaultMemoryBudget, Strategy::kRecompute, &roomy).ok());
+    ASSERT_TRUE(make_plan(prob, Device::kCpu, kRoomyBudget, Strategy::kRecompute, &roomy).ok());
     const size_t dx_accum = static_cast<size_t>(c.n) * c.d * sizeof(float);
     const size_t budget = roomy.min_budget_bytes + dx_accum / 8;
     Plan plan;
@@ -124,8 +140,7 @@ TEST(Budget, ExactWorkspaceAtTheMinimum) {
   const Case c = budget_case();
   const Inputs in = make_inputs(c);
   Plan roomy;
-  ASSERT_TRUE(
-      make_plan(make_problem(c), Device::kCpu, kDefaultMemoryBudget, Strategy::kAuto, &roomy).ok());
+  ASSERT_TRUE(make_plan(make_problem(c), Device::kCpu, kRoomyBudget, Strategy::kAuto, &roomy).ok());
   for (double f : {1.0, 1.1, 3.0}) {
     PlanChoice choice;
     choice.budget = static_cast<size_t>(roomy.min_budget_bytes * f);

@@ -493,7 +493,7 @@ std::vector<CudaParam> cuda_params() {
           p.c.grad_lse = s == Strategy::kRecompute;
           p.choice.strategy = s;
           p.choice.manual = true;
-          p.choice.plan = cuda_plan(p.c, PlanChoice{s, kDefaultMemoryBudget, false, Plan()});
+          p.choice.plan = cuda_plan(p.c, PlanChoice{s, kRoomyBudget, false, Plan()});
           // Always: the test blocks are far below the size where dZ is fused by default.
           p.choice.plan.fused_logits = fused ? FusedLogits::kAlways : FusedLogits::kOff;
           p.name = dn + "_" + strategy_name(s) + suffix;

@@ -40,12 +40,12 @@ class BadInput : public ::testing::Test {
     dx_ = TypedBuffer(c_.dtype, c_.n * c_.d);
     dw_ = TypedBuffer(c_.dtype, c_.v * c_.d);
     db_ = TypedBuffer(c_.dtype, c_.v);
-    ASSERT_TRUE(make_plan(make_problem(c_), Device::kCpu, kDefaultMemoryBudget,
-                          Strategy::kRecompute, &recompute_)
-                    .ok());
-    ASSERT_TRUE(make_plan(make_problem(c_), Device::kCpu, kDefaultMemoryBudget,
-                          Strategy::kGradInForward, &gif_)
-                    .ok());
+    ASSERT_TRUE(
+        make_plan(make_problem(c_), Device::kCpu, kRoomyBudget, Strategy::kRecompute, &recompute_)
+            .ok());
+    ASSERT_TRUE(
+        make_plan(make_problem(c_), Device::kCpu, kRoomyBudget, Strategy::kGradInForward, &gif_)
+            .ok());
     ws_ = std::make_unique<Workspace>(
         std::max({recompute_.forward_workspace_bytes, recompute_.backward_workspace_bytes,
                   gif_.forward_workspace_bytes, logits_workspace_bytes(c_.n)}));
@@ -161,7 +161,7 @@ TEST_F(BadInput, NullPointers) {
   expect_error(lgt([](LogitsParams& l) { l.labels = nullptr; }), kInvalid, {"labels"});
   expect_error(lgt([](LogitsParams& l) { l.loss = nullptr; }), kInvalid, {"loss"});
   Problem p = make_problem(c_);
-  expect_error(make_plan(p, Device::kCpu, kDefaultMemoryBudget, Strategy::kAuto, nullptr), kInvalid,
+  expect_error(make_plan(p, Device::kCpu, kRoomyBudget, Strategy::kAuto, nullptr), kInvalid,
                {"plan"});
 }
 
@@ -182,11 +182,11 @@ TEST_F(BadInput, SizesAndStrides) {
   Problem p = make_problem(c_);
   Plan plan;
   p.hidden_size = -1;
-  expect_error(make_plan(p, Device::kCpu, kDefaultMemoryBudget, Strategy::kAuto, &plan), kInvalid,
+  expect_error(make_plan(p, Device::kCpu, kRoomyBudget, Strategy::kAuto, &plan), kInvalid,
                {"hidden_size", "-1"});
   p = make_problem(c_);
   p.has_bias = false;
-  expect_error(make_plan(p, Device::kCpu, kDefaultMemoryBudget, Strategy::kAuto, &plan), kInvalid,
+  expect_error(make_plan(p, Device::kCpu, kRoomyBudget, Strategy::kAuto, &plan), kInvalid,
                {"needs_grad_bias"});
 }
 
@@ -221,10 +221,8 @@ TEST_F(BadInput, Enums) {
   if (!cuda_available()) {
     EXPECT_EQ(forward(Device::kCuda, f).code, StatusCode::kNotCompiled);
     Plan plan;
-    EXPECT_EQ(
-        make_plan(make_problem(c_), Device::kCuda, kDefaultMemoryBudget, Strategy::kAuto, &plan)
-            .code,
-        StatusCode::kNotCompiled);
+    EXPECT_EQ(make_plan(make_problem(c_), Device::kCuda, kRoomyBudget, Strategy::kAuto, &plan).code,
+              StatusCode::kNotCompiled);
   }
 }
 
@@ -302,12 +300,12 @@ TEST_F(BadInput, StrategyMismatch) {
   Problem p = make_problem(c_);
   Plan plan;
   p.reduction = Reduction::kNone;
-  expect_error(make_plan(p, Device::kCpu, kDefaultMemoryBudget, Strategy::kGradInForward, &plan),
-               kInvalid, {"grad_in_forward"});
+  expect_error(make_plan(p, Device::kCpu, kRoomyBudget, Strategy::kGradInForward, &plan), kInvalid,
+               {"grad_in_forward"});
   p = make_problem(c_);
   p.needs_grad_lse = true;
-  expect_error(make_plan(p, Device::kCpu, kDefaultMemoryBudget, Strategy::kGradInForward, &plan),
-               kInvalid, {"lse"});
+  expect_error(make_plan(p, Device::kCpu, kRoomyBudget, Strategy::kGradInForward, &plan), kInvalid,
+               {"lse"});
 }
 
 }  // namespace

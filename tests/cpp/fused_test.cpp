@@ -290,6 +290,35 @@ TEST(FusedEdge, LargeVocabulary) {
   }
 }
 
+// Grad-in-forward's fp32 dW accumulator with 16-bit W keeps its first rows in grad_weight's own
+// bytes (dw_accumulator_borrowed_rows: 128 of V = 389, 384 of V = 1000) and converts them in place
+// at the end; D = 39 leaves the rows of neither part a multiple of 8 elements.
+TEST(FusedEdge, GradInForwardDwAccumulatorBorrowsGradWeight) {
+  for (DType t : {DType::kBFloat16, DType::kFloat16}) {
+    for (int64_t v : {389, 1000}) {
+      for (int64_t d : {39, 40}) {
+        Case c;
+        c.n = 53;
+        c.v = v;
+        c.d = d;
+        c.dtype = t;
+        c.options.z_loss = 1e-3f;
+        c.seed = 31 + v + d;
+        SCOPED_TRACE(c.describe());
+        const Inputs in = make_inputs(c);
+        PlanChoice choice;
+        choice.manual = true;
+        choice.plan.strategy = Strategy::kGradInForward;
+        choice.plan.forward_token_chunk = 12;  // 5 chunks, the last one short
+        choice.plan.dw_group_tokens = 12;
+        Outputs out;
+        ASSERT_TRUE(run_fused(c, in, choice, &out));
+        expect_matches_reference(c, in, out);
+      }
+    }
+  }
+}
+
 // Hand-made plans covering each chunked path of the driver.
 struct ChunkParam {
   std::string name;
@@ -430,7 +459,7 @@ TEST(FusedBudget, EveryBudgetMatchesReference) {
   const Inputs in = make_inputs(c);
   const Problem prob = make_problem(c);
   Plan roomy;
-  ASSERT_TRUE(make_plan(prob, Device::kCpu, kDefaultMemoryBudget, Strategy::kAuto, &roomy).ok());
+  ASSERT_TRUE(make_plan(prob, Device::kCpu, kRoomyBudget, Strategy::kAuto, &roomy).ok());
   const size_t min_budget = roomy.min_budget_bytes;
   for (Strategy s : {Strategy::kAuto, Strategy::kRecompute}) {
     for (double f : {1.0, 1.05, 1.2, 1.5, 2.0, 4.0}) {

@@ -95,11 +95,14 @@ struct Outputs {
   bool has_grads = false;
 };
 
+// A budget that every test shape fits with its fastest plans.
+constexpr size_t kRoomyBudget = size_t(4) << 30;
+
 // How a test chooses the plan: by the planner (strategy + budget) or a hand-made one whose
 // workspace sizes are filled from the layout functions.
 struct PlanChoice {
   Strategy strategy = Strategy::kAuto;
-  size_t budget = kDefaultMemoryBudget;
+  size_t budget = kRoomyBudget;
   bool manual = false;
   Plan plan;  // when manual: strategy and chunk fields
 };

@@ -102,9 +102,12 @@ def test_opcheck_ce(device):
 
 def test_plan_contents(device):
     p = flce.plan(4096, 128256, 4096, torch.bfloat16, device)
-    assert set(p) == set(_ops.PLAN_FIELDS)
+    assert set(p) == set(_ops.PLAN_FIELDS) | {"memory_budget"}
     assert p["strategy"] in ("grad_in_forward", "recompute")
-    assert 0 < p["forward_workspace_bytes"] <= flce.DEFAULT_MEMORY_BUDGET
+    # The default budget: min(N V 2, V D 4) + 512 MiB (the bf16 logits of all 4096 tokens here).
+    assert p["memory_budget"] == flce.default_memory_budget(4096, 128256, 4096)
+    assert p["memory_budget"] == 4096 * 128256 * 2 + (512 << 20)
+    assert 0 < p["forward_workspace_bytes"] <= p["memory_budget"]
     small = flce.plan(4096, 128256, 4096, torch.bfloat16, device, memory_budget=256 << 20)
     assert max(small["forward_workspace_bytes"], small["backward_workspace_bytes"]) <= 256 << 20
     forced = flce.plan(100, 1000, 64, torch.float32, device, strategy="recompute")
@@ -112,7 +115,10 @@ def test_plan_contents(device):
     lse = flce.plan(100, 1000, 64, torch.float32, device, needs_grad_lse=True)
     assert lse["strategy"] == "recompute"
     assert p["fused_logits"] == "auto"  # the backend decides where its fused GEMMs run
-    assert flce.DEFAULT_MEMORY_BUDGET == 4 << 30
+    # ... or an fp32 dW accumulator (Qwen-0.5B's head), and 512 MiB for an empty batch.
+    assert flce.default_memory_budget(16384, 151936, 896) == 151936 * 896 * 4 + (512 << 20)
+    assert flce.default_memory_budget(0, 151936, 896) == 512 << 20
+    assert small["memory_budget"] == 256 << 20
     assert isinstance(flce.cuda_available(), bool)
 
 
