@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 
 from . import _ops
-
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LABEL_DTYPES = (torch.int64, torch.int32)
@@ -167,14 +167,30 @@ def _labels_checkable(t: torch.Tensor) -> bool:
     return not torch.cuda.is_current_stream_capturing()
 
 
-def _validate_labels(target: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+def _start_label_check(
+    target: torch.Tensor, vocab_size: int, ignore_index: int
+) -> Callable[[], None]:
+    """Queues the eager label check and returns the function that waits for its answer and
+    raises ValueError for a label out of range. It waits on an event recorded right after the
+    check's kernels, so a caller that queues the loss kernels before calling it keeps the GPU
+    busy while the host waits (a check that synchronizes first leaves the GPU idle until the
+    host has planned and queued the call: 0.5 ms per call at the benchmark shapes)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
-    if bool(bad.any()):  # one host synchronization
-        first = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"target: label {int(target[first])} at flat position {first} is out of range "
-            f"[0, {vocab_size}) and is not ignore_index ({ignore_index})"
-        )
+    any_bad = torch.empty((), dtype=torch.bool, pin_memory=True)
+    any_bad.copy_(bad.any(), non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def finish() -> None:
+        done.synchronize()
+        if bool(any_bad):
+            first = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"target: label {int(target[first])} at flat position {first} is out of range "
+                f"[0, {vocab_size}) and is not ignore_index ({ignore_index})"
+            )
+
+    return finish
 
 
 def shift_target(target: torch.Tensor, shift: int, ignore_index: int) -> torch.Tensor:
@@ -285,8 +301,11 @@ def linear_cross_entropy(
         target = shift_target(target, k, options[0])
     x2 = x.reshape(-1, hidden)
     labels = target.reshape(-1)
+    # Answered after the loss kernels are queued (the CUDA kernels treat an out-of-range label
+    # as ignored, so they run safely before the error is raised).
+    finish_label_check = None
     if validate_labels and _labels_checkable(labels):
-        _validate_labels(labels, vocab, options[0])
+        finish_label_check = _start_label_check(labels, vocab, options[0])
 
     grad_on = torch.is_grad_enabled()
     need_x = grad_on and x.requires_grad
@@ -327,6 +346,8 @@ def linear_cross_entropy(
         in_forward and need_b,
         bool(return_metrics),
     )
+    if finish_label_check is not None:
+        finish_label_check()
     if options[1] == _ops.REDUCTION_NONE:
         loss = loss.reshape(target_shape)
     return _pack(loss, lse.reshape(target_shape), metrics, return_lse, return_metrics)
@@ -384,8 +405,9 @@ def cross_entropy(
     target_shape = target.shape
     flat = logits.reshape(-1, vocab)
     labels = target.reshape(-1)
+    # Answered before the call: with inplace_backward the forward overwrites the logits.
     if validate_labels and _labels_checkable(labels):
-        _validate_labels(labels, vocab, options[0])
+        _start_label_check(labels, vocab, options[0])()
 
     inplace = (
         inplace_backward
