@@ -240,16 +240,18 @@ struct AffineLogitGrad {
 };
 
 // Grad-in-forward with row-shifted terms (Plan::shifted_terms). The fused statistics GEMM stores
-// each term as e = fp16(exp(z - s)) with one shift s per row, known before the GEMM: the label's
-// logit (a dot product) plus kShiftAboveLabel. Then p = e exp(s - lse), so a row's dZ is
-// g * factor * e' with e' = e except at the label, one factor per row: dx and dW consume e' as it
-// is, the factor going to x (for dW) and to the fp32 dx rows. Measured in a float64 simulation
-// (bench/NOTES.md, version 10): dx and dW within 1.7e-3 of float64 against 2.5e-3 for dZ rounded
-// to bf16, because fp16 carries 3 more bits than bf16.
+// each term as e = exp(z - s), rounded to the input dtype (bf16 or fp16), with one shift s per
+// row, known before the GEMM: the label's logit (a dot product) plus kShiftAboveLabel. Then
+// p = e exp(s - lse), so a row's dZ is g * factor * e' with e' = e except at the label, one factor
+// per row: dx and dW consume e' as it is, the factor going to x (for dW) and to the fp32 dx rows.
+// With fp16 terms a float64 simulation (bench/NOTES.md, version 10) put dx and dW within 1.7e-3
+// of float64; bf16 terms and factor * x cost 2.4e-3 and 2.9e-3 (version 11), and keep dW's
+// memory free for half of the fp32 accumulator instead of an fp16 copy of W.
 //
-// The shift sits above the label's logit so that rows whose label is improbable (flat logits,
-// early training: p_label ~ 1 / V) keep a factor within fp16's range; 4 kept every row of the
-// simulation's flat data (logit std 1, uniform labels) and all but 3 of 1855 of its LM-like rows.
+// The limits below are fp16's, which bind for both dtypes (bf16 has fp32's range). The shift sits
+// above the label's logit so that rows whose label is improbable (flat logits, early training:
+// p_label ~ 1 / V) keep a factor within fp16's range; 4 kept every row of the simulation's flat
+// data (logit std 1, uniform labels) and all but 3 of 1855 of its LM-like rows.
 constexpr float kShiftAboveLabel = 4.0f;
 // A tile whose max exceeds the row's shift by more than this stores its terms under its own max
 // (e^11 < 65504, fp16's largest value); its row is then rewritten (ShiftedRow::rewrite).
