@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "core/backend.h"
+#include "core/workspace.h"
 #include "harness.h"
 
 namespace flce::test {
@@ -306,6 +308,49 @@ TEST_F(BadInput, StrategyMismatch) {
   p.needs_grad_lse = true;
   expect_error(make_plan(p, Device::kCpu, kRoomyBudget, Strategy::kGradInForward, &plan), kInvalid,
                {"lse"});
+}
+
+// Grad-in-forward with 16-bit W keeps half of its fp32 dW accumulator in grad_weight's own
+// memory, so grad_weight must be 16-byte aligned there (the PyTorch op allocates it so).
+TEST(BadInputAlignment, GradWeightHoldingTheDwAccumulator) {
+  Case c;
+  c.n = 20;
+  c.v = 389;  // 128 accumulator rows in grad_weight (dw_accumulator_borrowed_rows)
+  c.d = 16;
+  c.dtype = DType::kBFloat16;
+  const Inputs in = make_inputs(c);
+  Plan plan;
+  plan.strategy = Strategy::kGradInForward;
+  plan.forward_token_chunk = 8;  // 3 chunks: dW accumulates
+  plan.dw_group_tokens = 8;
+  const Problem prob = make_problem(c);
+  plan.forward_workspace_bytes =
+      detail::forward_layout(prob, plan, detail::backend_traits(Device::kCpu)).total;
+  std::vector<float> loss(1, NAN);
+  TypedBuffer dx(c.dtype, c.n * c.d), dw(c.dtype, c.v * c.d + 8);
+  Workspace ws(plan.forward_workspace_bytes);
+  ForwardParams f;
+  f.x = in.x.data();
+  f.x_row_stride = in.x_stride;
+  f.weight = in.weight.data();
+  f.labels = in.labels();
+  f.label_type = in.label_type();
+  f.num_tokens = c.n;
+  f.vocab_size = c.v;
+  f.hidden_size = c.d;
+  f.dtype = c.dtype;
+  f.options = c.options;
+  f.loss = loss.data();
+  f.grad_x = dx.data();
+  f.plan = plan;
+  f.workspace = ws.data();
+  f.workspace_bytes = ws.bytes();
+  // 2 bytes past a 16-byte boundary (the buffer's own alignment is at least 16).
+  ASSERT_EQ(reinterpret_cast<uintptr_t>(dw.data()) % 16, 0u);
+  f.grad_weight = static_cast<char*>(dw.data()) + 2;
+  expect_error(forward(Device::kCpu, f), kInvalid, {"grad_weight", "16-byte aligned"});
+  f.grad_weight = static_cast<char*>(dw.data()) + 16;
+  EXPECT_TRUE(forward(Device::kCpu, f).ok());
 }
 
 }  // namespace
