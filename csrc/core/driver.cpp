@@ -802,7 +802,7 @@ Status run_forward(Device device, const ForwardParams& p) {
         FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_weight, v * d * dtype_size(p.dtype)));
       if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->fill_zero(p.grad_bias, v * dtype_size(p.dtype)));
     } else {
-      if (dw_acc.rows > 0) {  // shifted terms: the accumulator still lacks the upstream factor
+      if (dw_acc.rows > 0) {  // with shifted terms it still lacks the upstream factor g
         FLCE_RETURN_IF_ERROR(finish_accumulator(*be, dw_acc, d, p.grad_weight, p.dtype,
                                                 shifted ? shifted_g : nullptr));
       }
