@@ -54,18 +54,7 @@ class BadInput : public ::testing::Test {
   }
 
   ForwardParams forward_params(const Plan& plan) {
-    ForwardParams f;
-    f.x = in_.x.data();
-    f.x_row_stride = in_.x_stride;
-    f.weight = in_.weight.data();
-    f.bias = in_.bias.data();
-    f.labels = in_.labels();
-    f.label_type = in_.label_type();
-    f.class_weight = in_.class_weight.data();
-    f.num_tokens = c_.n;
-    f.vocab_size = c_.v;
-    f.hidden_size = c_.d;
-    f.options = c_.options;
+    ForwardParams f = forward_inputs(c_, in_);
     f.loss = loss_.data();
     f.lse = lse_.data();
     f.plan = plan;
@@ -329,17 +318,7 @@ TEST(BadInputAlignment, GradWeightHoldingTheDwAccumulator) {
   std::vector<float> loss(1, NAN);
   TypedBuffer dx(c.dtype, c.n * c.d), dw(c.dtype, c.v * c.d + 8);
   Workspace ws(plan.forward_workspace_bytes);
-  ForwardParams f;
-  f.x = in.x.data();
-  f.x_row_stride = in.x_stride;
-  f.weight = in.weight.data();
-  f.labels = in.labels();
-  f.label_type = in.label_type();
-  f.num_tokens = c.n;
-  f.vocab_size = c.v;
-  f.hidden_size = c.d;
-  f.dtype = c.dtype;
-  f.options = c.options;
+  ForwardParams f = forward_inputs(c, in);
   f.loss = loss.data();
   f.grad_x = dx.data();
   f.plan = plan;

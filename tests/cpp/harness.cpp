@@ -187,6 +187,23 @@ Problem make_problem(const Case& c) {
   return p;
 }
 
+ForwardParams forward_inputs(const Case& c, const Inputs& in) {
+  ForwardParams f;
+  f.x = in.x.data();
+  f.x_row_stride = in.x_stride;
+  f.weight = in.weight.data();
+  f.bias = c.bias ? in.bias.data() : nullptr;
+  f.labels = in.labels();
+  f.label_type = in.label_type();
+  f.class_weight = c.class_weights ? in.class_weight.data() : nullptr;
+  f.num_tokens = c.n;
+  f.vocab_size = c.v;
+  f.hidden_size = c.d;
+  f.dtype = c.dtype;
+  f.options = c.options;
+  return f;
+}
+
 bool run_fused(const Case& c, const Inputs& in, const PlanChoice& choice, Outputs* out) {
   const Problem prob = make_problem(c);
   Plan plan;
@@ -218,19 +235,7 @@ bool run_fused(const Case& c, const Inputs& in, const PlanChoice& choice, Output
   out->dw.poison();
   out->db.poison();
 
-  ForwardParams f;
-  f.x = in.x.data();
-  f.x_row_stride = in.x_stride;
-  f.weight = in.weight.data();
-  f.bias = c.bias ? in.bias.data() : nullptr;
-  f.labels = in.labels();
-  f.label_type = in.label_type();
-  f.class_weight = c.class_weights ? in.class_weight.data() : nullptr;
-  f.num_tokens = c.n;
-  f.vocab_size = c.v;
-  f.hidden_size = c.d;
-  f.dtype = c.dtype;
-  f.options = c.options;
+  ForwardParams f = forward_inputs(c, in);
   f.loss = out->loss.data();
   f.lse = out->lse.data();
   f.metrics = out->metrics.data();

@@ -110,6 +110,9 @@ struct PlanChoice {
 // Runs forward (and backward for recompute), with exact-size workspaces guarded by canaries and
 // NaN-poisoned outputs. Records gtest failures for bad statuses or canaries; returns false then.
 bool run_fused(const Case& c, const Inputs& in, const PlanChoice& choice, Outputs* out);
+// The inputs, sizes, dtype and options of a forward call of `c` (outputs, plan and workspace
+// left to the caller).
+ForwardParams forward_inputs(const Case& c, const Inputs& in);
 
 struct Tolerance {
   double loss;  // relative, on loss, lse and metrics
