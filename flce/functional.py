@@ -301,8 +301,8 @@ def linear_cross_entropy(
         target = shift_target(target, k, options[0])
     x2 = x.reshape(-1, hidden)
     labels = target.reshape(-1)
-    # Answered after the loss kernels are queued (the CUDA kernels treat an out-of-range label
-    # as ignored, so they run safely before the error is raised).
+    # Answered after the loss kernels are queued: they read nothing out of bounds for an
+    # out-of-range label (its row's loss becomes NaN), and the error discards their outputs.
     finish_label_check = None
     if validate_labels and _labels_checkable(labels):
         finish_label_check = _start_label_check(labels, vocab, options[0])
