@@ -195,6 +195,9 @@ struct ShiftedRowsArgs {
   int64_t hidden = 0;
   float* row_factor = nullptr;  // [rows]
   void* x_scaled = nullptr;     // x_type [rows, hidden], pitch hidden
+  // Scratch for the backend: the rows to rewrite and their count.
+  int32_t* rewrite_rows = nullptr;   // [rows]
+  int32_t* rewrite_count = nullptr;  // [1]
 };
 
 // dst[r, c] = src[r, c] * (row_factor[r] * factor[0]) in dst_type, for r < rows, c < cols (a null

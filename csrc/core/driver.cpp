@@ -560,6 +560,8 @@ Status shifted_chunk(Backend& be, const ForwardParams& p, const LogitsOperands& 
   sr.hidden = d;
   sr.row_factor = row_factor;
   sr.x_scaled = x_scaled;
+  sr.rewrite_rows = reinterpret_cast<int32_t*>(sl_base + sl.rewrite_rows);
+  sr.rewrite_count = reinterpret_cast<int32_t*>(sl_base + sl.rewrite_count);
   FLCE_RETURN_IF_ERROR(be.shifted_rows(sr));
 
   const Operand terms{rf.tile_exp, rf.tile_exp_ld, p.dtype, false};

@@ -48,6 +48,8 @@ ShiftedLayout shifted_layout(int64_t rows, int64_t hidden, DType dtype, bool gra
   l.row_factor = c.take(f32(rows));
   l.x_scaled = c.take(static_cast<size_t>(rows) * hidden * dtype_size(dtype));
   if (grad_x) l.dx = c.take(f32(rows * hidden));
+  l.rewrite_rows = c.take(static_cast<size_t>(rows) * sizeof(int32_t));
+  l.rewrite_count = c.take(sizeof(int32_t));
   l.total = c.total();
   return l;
 }

@@ -35,11 +35,13 @@ struct ForwardLayout {
 
 // The per-chunk buffers of row-shifted terms, as offsets from their region's start.
 struct ShiftedLayout {
-  size_t shift = kAbsent;       // float[rows]
-  size_t row_max = kAbsent;     // float[rows]
-  size_t row_factor = kAbsent;  // float[rows]
-  size_t x_scaled = kAbsent;    // dtype[rows, D]: factor * x, for dW
-  size_t dx = kAbsent;          // float[rows, D]: the dx GEMM's output before its row factors
+  size_t shift = kAbsent;          // float[rows]
+  size_t row_max = kAbsent;        // float[rows]
+  size_t row_factor = kAbsent;     // float[rows]
+  size_t x_scaled = kAbsent;       // dtype[rows, D]: factor * x, for dW
+  size_t dx = kAbsent;             // float[rows, D]: the dx GEMM's output before its row factors
+  size_t rewrite_rows = kAbsent;   // int32[rows]: ShiftedRowsArgs::rewrite_rows
+  size_t rewrite_count = kAbsent;  // int32[1]
   size_t total = 0;
 };
 ShiftedLayout shifted_layout(int64_t rows, int64_t hidden, DType dtype, bool grad_x);

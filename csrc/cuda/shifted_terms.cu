@@ -5,10 +5,11 @@
 // per row). Its rounding differs from the GEMM's, which does not matter: the shift only has to be
 // the same number wherever it is used, and the label's own term is recomputed from the GEMM's
 // logit (ShiftedRow::label_term).
-// shifted_rows: after the LSE, per row (one block): its largest |x|, its ShiftedRow, factor * x,
-// and the terms in place, the label's alone for kept rows, all of them for rewritten rows.
+// shifted_rows: after the LSE, per row (one warp): its largest |x|, its ShiftedRow, factor * x,
+// and the label's term for kept rows; then rewrite_terms rewrites every term of the other rows.
 // cast: the conversions around them (the dx rows with their factors, the dW accumulator with the
 // upstream factor) and the driver's other fp32 -> 16-bit conversions.
+#include <algorithm>
 #include <climits>
 
 #include "core/row_math.h"
@@ -31,12 +32,13 @@ Status dispatch_16bit(DType t, F&& f) {
 
 // label_shift ---------------------------------------------------------------------------------
 
-constexpr int kShiftRowsPerBlock = 8;  // one warp per row
+// The row kernels run one warp per row.
+constexpr int kWarpRowsPerBlock = 8;
 
 template <typename T>
-__global__ void __launch_bounds__(kShiftRowsPerBlock* kWarpSize)
+__global__ void __launch_bounds__(kWarpRowsPerBlock* kWarpSize)
     label_shift_kernel(LabelShiftArgs a) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kShiftRowsPerBlock + threadIdx.x / kWarpSize;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpRowsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (r >= a.rows) return;  // uniform across the warp
   const int64_t label = load_label(a.labels, a.label_type, a.row_offset + r);
@@ -54,84 +56,110 @@ __global__ void __launch_bounds__(kShiftRowsPerBlock* kWarpSize)
 }
 
 // shifted_rows --------------------------------------------------------------------------------
+// Two kernels: one warp per row for what every row needs (its factor, factor * x, the label's
+// term), then the rows to rewrite, listed by the first, spread over the whole GPU in groups of
+// columns. One block per row did both: a rewritten row then rewrote its V terms alone on one SM,
+// the launch's tail (0.58 ms of qwen-0.5b's 24.8 at 2048-row chunks, bench/NOTES.md version 11).
 
-constexpr int kShiftedThreads = 256;
+constexpr int kRewriteThreads = 256;
 constexpr int kTermCols = 8;  // columns per access of the terms (16 bytes)
 static_assert(kPartialStatsCols % kTermCols == 0, "a group of columns lies in one tile");
+// Columns of a rewritten row per block and work item: several accesses per thread, so that the
+// row's coefficients are computed once per 32 columns.
+constexpr int64_t kRewriteCols = int64_t(kRewriteThreads) * kTermCols * 4;
+
+// A row's coefficients for an upstream gradient of 1 (the caller applies g): no smoothing, class
+// weights or LSE gradient here, so dZ = slope p - step [c == label]. label is -1 where no term
+// is the label's.
+struct ShiftedRowCoefs {
+  AffineLogitGrad grad;
+  bool zero = false;
+  float lse = 0.0f;
+  int64_t label = -1;
+};
+
+__device__ __forceinline__ ShiftedRowCoefs shifted_row_coefs(const RowGradArgs& g, int64_t r) {
+  const LossOptions& o = g.options;
+  const int64_t row = g.row_offset + r;
+  const int64_t label = load_label(g.labels, g.label_type, row);
+  const bool valid = label_is_valid(label, o.ignore_index);
+  const bool in_range = label_in_range(label, g.vocab_size);
+  ShiftedRowCoefs c;
+  c.lse = g.lse[row];
+  const GradCoefs k = grad_coefs(valid, 1.0f, 0.0f, c.lse, in_range ? 1.0f : NAN,
+                                 g.scalars[kScalarWeightSum], g.vocab_size, o);
+  c.grad = AffineLogitGrad::of(k, o.logit_scale);
+  c.zero = all_zero(k);
+  c.label = valid && in_range ? label : -1;
+  return c;
+}
 
 // XT: the dtype of x, the terms and x_scaled.
-template <typename XT, int kVec>
-__global__ void __launch_bounds__(kShiftedThreads) shifted_rows_kernel(ShiftedRowsArgs a) {
-  __shared__ float reduce_smem[kMaxWarps];
-  __shared__ ShiftedRow row_shared;
-  __shared__ AffineLogitGrad grad_shared;
-  __shared__ int64_t label_shared;
-  const RowGradArgs& g = a.grad;
-  const int64_t r = blockIdx.x;
-  const int64_t row = g.row_offset + r;
+template <typename XT>
+__global__ void __launch_bounds__(kWarpRowsPerBlock* kWarpSize)
+    shifted_rows_kernel(ShiftedRowsArgs a) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpRowsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (r >= a.grad.rows) return;  // uniform across the warp
   const XT* x = static_cast<const XT*>(a.x) + r * a.ldx;
-
   float xmax = 0.0f;
-  for (int64_t c = threadIdx.x; c < a.hidden; c += blockDim.x) {
-    xmax = fmaxf(xmax, fabsf(to_float(x[c])));
-  }
-  xmax = block_reduce(
-      xmax, [](float u, float v) { return fmaxf(u, v); }, 0.0f, reduce_smem);
-  if (threadIdx.x == 0) {
-    // The coefficients for an upstream gradient of 1 (the caller applies g): no smoothing, class
-    // weights or LSE gradient here, so dZ = slope p - step [c == label].
-    const LossOptions& o = g.options;
-    const int64_t label = load_label(g.labels, g.label_type, row);
-    const bool valid = label_is_valid(label, o.ignore_index);
-    const bool in_range = label_in_range(label, g.vocab_size);
-    const float lse = g.lse[row];
-    const GradCoefs k = grad_coefs(valid, 1.0f, 0.0f, lse, in_range ? 1.0f : NAN,
-                                   g.scalars[kScalarWeightSum], g.vocab_size, o);
-    const AffineLogitGrad grad = AffineLogitGrad::of(k, o.logit_scale);
-    row_shared = shifted_row(a.shift[r], a.row_max[r], lse, a.target_z[r], grad, all_zero(k), xmax);
-    grad_shared = grad;
-    label_shared = valid && in_range ? label : -1;
-    a.row_factor[r] = row_shared.factor;
-  }
-  __syncthreads();
-  const ShiftedRow sr = row_shared;
+  for (int64_t c = lane; c < a.hidden; c += kWarpSize) xmax = fmaxf(xmax, fabsf(to_float(x[c])));
+  xmax = warp_reduce(xmax, [](float u, float v) { return fmaxf(u, v); });
+  // Every lane computes the row's numbers (the same loads, broadcast): no shared memory.
+  const ShiftedRowCoefs k = shifted_row_coefs(a.grad, r);
+  const ShiftedRow sr =
+      shifted_row(a.shift[r], a.row_max[r], k.lse, a.target_z[r], k.grad, k.zero, xmax);
+  if (lane == 0) a.row_factor[r] = sr.factor;
 
   // factor * x; exact zeros for a row without gradient, whatever x holds.
   XT* x_scaled = static_cast<XT*>(a.x_scaled) + r * a.hidden;
-  for (int64_t c = threadIdx.x; c < a.hidden; c += blockDim.x) {
+  for (int64_t c = lane; c < a.hidden; c += kWarpSize) {
     x_scaled[c] = from_float<XT>(sr.factor == 0.0f ? 0.0f : sr.factor * to_float(x[c]));
   }
-  if (sr.factor == 0.0f) return;  // the terms stay finite: this row's factor zeroes them
-
-  XT* e = static_cast<XT*>(g.dz) + r * g.ldz;  // the terms, rewritten in place
-  const int64_t label = label_shared;
-  if (!sr.rewrite) {
-    if (threadIdx.x == 0 && label >= 0) e[label] = from_float<XT>(sr.label_term);
-    return;
+  // A row without gradient keeps its terms: they are finite, and its factor zeroes them.
+  if (lane != 0 || sr.factor == 0.0f) return;
+  if (sr.rewrite) {
+    a.rewrite_rows[atomicAdd(a.rewrite_count, 1)] = static_cast<int32_t>(r);
+  } else if (k.label >= 0) {
+    static_cast<XT*>(a.grad.dz)[r * a.grad.ldz + k.label] = from_float<XT>(sr.label_term);
   }
-  // Rewritten: e' = (slope p - step [c == label]) / factor, p = e exp(tile shift - lse).
-  const AffineLogitGrad grad = grad_shared;
-  const float lse = g.lse[row];
-  const float shift = a.shift[r];
-  // The label's p from the GEMM's fp32 logit, not from its 16-bit term: slope p - step cancels
-  // where p is large, and would multiply the term's rounding.
-  const float label_grad =
-      label >= 0 ? grad(softmax_exp(a.target_z[r] - lse)) - grad.target_step : 0.0f;
-  const float inv_factor = 1.0f / sr.factor;  // a power of two: exact
-  const RowState* partials = g.partials + r * g.partials_ld;
-  for (int64_t c0 = static_cast<int64_t>(threadIdx.x) * kTermCols; c0 < g.cols;
-       c0 += static_cast<int64_t>(blockDim.x) * kTermCols) {
-    const float tile_max = partials[c0 / kPartialStatsCols].max;
-    const float tile_shift = tile_takes_row_shift(tile_max, shift) ? shift : tile_max;
-    const float to_p = softmax_exp(tile_shift - lse);
-    const int n = g.cols - c0 < kTermCols ? static_cast<int>(g.cols - c0) : kTermCols;
-    float v[kTermCols];
-    load_group<XT, kTermCols, kVec == kTermCols>(e + c0, n, v);
+}
+
+// Rewritten rows: e' = (slope p - step [c == label]) / factor, p = e exp(tile shift - lse), in
+// work items of kRewriteCols columns of one listed row (a grid-stride loop: the list's length is
+// only known on the device).
+template <typename XT, int kVec>
+__global__ void __launch_bounds__(kRewriteThreads) rewrite_terms_kernel(ShiftedRowsArgs a) {
+  const RowGradArgs& g = a.grad;
+  const int64_t items_per_row = (g.cols + kRewriteCols - 1) / kRewriteCols;
+  const int64_t items = static_cast<int64_t>(*a.rewrite_count) * items_per_row;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t r = a.rewrite_rows[item / items_per_row];
+    const int64_t begin = (item % items_per_row) * kRewriteCols;
+    const int64_t end = begin + kRewriteCols < g.cols ? begin + kRewriteCols : g.cols;
+    const ShiftedRowCoefs k = shifted_row_coefs(g, r);
+    const float shift = a.shift[r];
+    // The label's p from the GEMM's fp32 logit, not from its 16-bit term: slope p - step cancels
+    // where p is large, and would multiply the term's rounding.
+    const float label_grad =
+        k.label >= 0 ? k.grad(softmax_exp(a.target_z[r] - k.lse)) - k.grad.target_step : 0.0f;
+    const float inv_factor = 1.0f / a.row_factor[r];  // a power of two: exact
+    const RowState* partials = g.partials + r * g.partials_ld;
+    XT* e = static_cast<XT*>(g.dz) + r * g.ldz;
+    for (int64_t c0 = begin + static_cast<int64_t>(threadIdx.x) * kTermCols; c0 < end;
+         c0 += static_cast<int64_t>(kRewriteThreads) * kTermCols) {
+      const float tile_max = partials[c0 / kPartialStatsCols].max;
+      const float tile_shift = tile_takes_row_shift(tile_max, shift) ? shift : tile_max;
+      const float to_p = softmax_exp(tile_shift - k.lse);
+      const int n = end - c0 < kTermCols ? static_cast<int>(end - c0) : kTermCols;
+      float v[kTermCols];
+      load_group<XT, kTermCols, kVec == kTermCols>(e + c0, n, v);
 #pragma unroll
-    for (int i = 0; i < kTermCols; ++i) {
-      v[i] = (c0 + i == label ? label_grad : grad(v[i] * to_p)) * inv_factor;
+      for (int i = 0; i < kTermCols; ++i) {
+        v[i] = (c0 + i == k.label ? label_grad : k.grad(v[i] * to_p)) * inv_factor;
+      }
+      store_group<XT, kTermCols, kVec == kTermCols>(e + c0, n, v);
     }
-    store_group<XT, kTermCols, kVec == kTermCols>(e + c0, n, v);
   }
 }
 
@@ -175,12 +203,12 @@ Status launch_label_shift(const LabelShiftArgs& a, cudaStream_t stream) {
         "label_shift: need rows >= 0, hidden >= 1, vocab_size >= 1, ldx >= hidden and x, "
         "weight, labels and shift");
   }
-  const int64_t blocks = (a.rows + kShiftRowsPerBlock - 1) / kShiftRowsPerBlock;
+  const int64_t blocks = (a.rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock;
   if (blocks > INT_MAX) return invalid("label_shift: too many rows");
   return dispatch_16bit(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     label_shift_kernel<T>
-        <<<static_cast<unsigned>(blocks), kShiftRowsPerBlock * kWarpSize, 0, stream>>>(a);
+        <<<static_cast<unsigned>(blocks), kWarpRowsPerBlock * kWarpSize, 0, stream>>>(a);
     FLCE_CUDA_CHECK_LAUNCH("label_shift_kernel");
     return Status::Ok();
   });
@@ -207,16 +235,28 @@ Status launch_shifted_rows(const ShiftedRowsArgs& a, cudaStream_t stream) {
     return invalid(
         "shifted_rows: serves no bias, class weights, LSE gradient, soft-cap or label smoothing");
   }
+  if (!a.rewrite_rows || !a.rewrite_count) {
+    return invalid("shifted_rows: needs rewrite_rows and rewrite_count");
+  }
   return dispatch_16bit(a.x_type, [&](auto tag) {
     using XT = typename decltype(tag)::type;
-    const bool vec = is_aligned(g.dz, 16) && g.ldz % kTermCols == 0;
-    const dim3 grid(static_cast<unsigned>(g.rows));
-    if (vec) {
-      shifted_rows_kernel<XT, kTermCols><<<grid, kShiftedThreads, 0, stream>>>(a);
-    } else {
-      shifted_rows_kernel<XT, 1><<<grid, kShiftedThreads, 0, stream>>>(a);
-    }
+    FLCE_CUDA_CHECK(cudaMemsetAsync(a.rewrite_count, 0, sizeof(int32_t), stream));
+    const int64_t row_blocks = (g.rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock;
+    shifted_rows_kernel<XT>
+        <<<static_cast<unsigned>(row_blocks), kWarpRowsPerBlock * kWarpSize, 0, stream>>>(a);
     FLCE_CUDA_CHECK_LAUNCH("shifted_rows_kernel");
+    // Enough blocks for a few rewritten rows to fill the GPU; with none, each returns at once.
+    const int64_t items_per_row = (g.cols + kRewriteCols - 1) / kRewriteCols;
+    const int64_t blocks =
+        std::min<int64_t>(g.rows * items_per_row, static_cast<int64_t>(current_device_sms()) * 2);
+    const bool vec = is_aligned(g.dz, 16) && g.ldz % kTermCols == 0;
+    if (vec) {
+      rewrite_terms_kernel<XT, kTermCols>
+          <<<static_cast<unsigned>(blocks), kRewriteThreads, 0, stream>>>(a);
+    } else {
+      rewrite_terms_kernel<XT, 1><<<static_cast<unsigned>(blocks), kRewriteThreads, 0, stream>>>(a);
+    }
+    FLCE_CUDA_CHECK_LAUNCH("rewrite_terms_kernel");
     return Status::Ok();
   });
 }
