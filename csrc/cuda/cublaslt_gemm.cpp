@@ -88,28 +88,47 @@ struct GemmKeyHash {
   }
 };
 
-// Measured algorithm choice (opt-in) --------------------------------------------------------
+// Measured algorithm choice -----------------------------------------------------------------
 //
 // cuBLASLt's heuristic ranks its algorithms without running them, and for flce's accumulating
 // GEMMs its first choice is often not the fastest: on an H200 (bench/accumulate_gemm_bench.cu),
-// grad-in-forward's dW GEMM at gemma2 took 3.64 ms with the first of its candidates and 3.17 ms
-// with the sixth (2048-token chunks; 2.63 against 1.86 ms at 1024). With the choice measured, the
-// first calls of a shape run the heuristic's top kTuneCandidates in turn, each between two CUDA
-// events that are read once they have completed (cudaEventQuery, never a wait); when every
-// candidate has kTuneTrials times, the shape keeps the one with the lowest median. No call
-// synchronizes, and a stream under graph capture runs the current choice and times nothing.
-// Off by default: while a shape is being measured its results may differ in the last bits from
-// call to call (the candidates sum in different orders), so those first calls are not bitwise
-// reproducible.
+// each half of grad-in-forward's dW GEMM at qwen-0.5b took 0.445 ms with the first of its
+// candidates and 0.384 ms with the sixth (2048-token chunks), and at gemma2 1.78 against 1.54 ms.
+// With the choice measured, the first calls of a shape run the heuristic's top kTuneCandidates in
+// turn, each between two CUDA events that are read once they have completed (cudaEventQuery,
+// never a wait); when every candidate has kTuneTrials times, the shape keeps the one with the
+// lowest median. No call synchronizes, and a stream under graph capture runs the current choice
+// and times nothing.
+//
+// By default only accumulating GEMMs (beta != 0) are measured, among candidates that do not split
+// K: each output element then sums its K products in the same order under every candidate (the
+// benchmark's candidates gave identical bits at every shape it runs), so the first calls stay
+// reproducible. Measuring every GEMM (FLCE_GEMM_TUNING=1) also picked slower algorithms for GEMMs
+// that write their output once: the candidate that wins alone can lose inside the call (qwen-0.5b's
+// dx GEMM, 6.9 -> 7.1 ms per call; bench/NOTES.md, version 12).
 constexpr int kTuneCandidates = 8;
 constexpr int kTuneTrials = 3;
 
-std::atomic<bool>& tuning_switch() {
-  static std::atomic<bool> on{[] {
+std::atomic<GemmTuning>& tuning_switch() {
+  static std::atomic<GemmTuning> mode{[] {
     const char* v = std::getenv("FLCE_GEMM_TUNING");
-    return v != nullptr && std::string(v) == "1";
+    const std::string s = v != nullptr ? v : "";
+    if (s == "0") return GemmTuning::kNone;
+    if (s == "1") return GemmTuning::kAll;
+    return GemmTuning::kAccumulating;
   }()};
-  return on;
+  return mode;
+}
+
+// Whether an algorithm splits K (its partial sums then meet in another order).
+bool splits_k(const cublasLtMatmulAlgo_t& algo) {
+  uint32_t splits = 1;
+  size_t written = 0;
+  if (cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits,
+                                           sizeof(splits), &written) != CUBLAS_STATUS_SUCCESS) {
+    return true;  // unknown: treat as splitting
+  }
+  return splits > 1;
 }
 
 struct Trial {
@@ -221,7 +240,9 @@ Status build_entry(cublasLtHandle_t handle, const GemmKey& key, GemmEntry* out) 
   FLCE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
       b.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_c, sizeof(key.align_c)));
 
-  const bool tune = tuning_switch().load();
+  const GemmTuning mode = tuning_switch().load();
+  const bool accumulating_only = mode == GemmTuning::kAccumulating;
+  const bool tune = mode == GemmTuning::kAll || (accumulating_only && !key.beta_zero);
   std::vector<cublasLtMatmulHeuristicResult_t> results(tune ? kTuneCandidates : 1);
   int returned = 0;
   FLCE_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, b.e.desc, b.e.a, b.e.b, b.e.c, b.e.c,
@@ -239,10 +260,19 @@ Status build_entry(cublasLtHandle_t handle, const GemmKey& key, GemmEntry* out) 
   b.e.algo = results[0].algo;
   if (tune) {
     auto t = std::make_shared<Tuning>();
-    for (int i = 0; i < returned; ++i) t->candidates.push_back(results[i].algo);
-    t->ms.resize(returned);
-    t->launched.assign(returned, 0);
-    b.e.tuning = std::move(t);
+    // Reproducible by default: no candidate splits K, or nothing is measured.
+    if (!(accumulating_only && splits_k(results[0].algo))) {
+      for (int i = 0; i < returned; ++i) {
+        if (!(accumulating_only && splits_k(results[i].algo))) {
+          t->candidates.push_back(results[i].algo);
+        }
+      }
+    }
+    if (t->candidates.size() > 1) {
+      t->ms.resize(t->candidates.size());
+      t->launched.assign(t->candidates.size(), 0);
+      b.e.tuning = std::move(t);
+    }
   }
   b.keep = true;
   *out = b.e;
@@ -444,9 +474,9 @@ Status cublaslt_gemm(const GemmArgs& g, cudaStream_t stream, void* workspace,
   return Status::Ok();
 }
 
-void set_cublaslt_tuning(bool on) { tuning_switch().store(on); }
+void set_cublaslt_tuning(GemmTuning mode) { tuning_switch().store(mode); }
 
-bool cublaslt_tuning() { return tuning_switch().load(); }
+GemmTuning cublaslt_tuning() { return tuning_switch().load(); }
 
 Status cublaslt_tuning_counts(int device, CublasLtTuningCounts* out) {
   DeviceState* state = nullptr;

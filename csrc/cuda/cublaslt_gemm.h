@@ -24,11 +24,13 @@ constexpr size_t kMinCublasLtWorkspaceBytes = size_t(4) << 20;
 Status cublaslt_gemm(const GemmArgs& args, cudaStream_t stream, void* workspace,
                      size_t workspace_bytes, bool allow_tf32);
 
-// Measured algorithm choice (cublaslt_gemm.cpp says how): shapes first seen while it is on time
-// the heuristic's top candidates on their first calls and keep the fastest. Off unless the
-// environment has FLCE_GEMM_TUNING=1 when the first GEMM runs, or set_cublaslt_tuning(true).
-void set_cublaslt_tuning(bool on);
-bool cublaslt_tuning();
+// Measured algorithm choice (cublaslt_gemm.cpp says how and why): shapes first seen under it
+// time the heuristic's top candidates on their first calls and keep the fastest. The mode comes
+// from FLCE_GEMM_TUNING when the first GEMM runs (0: none, 1: every GEMM, unset: accumulating
+// GEMMs, among candidates that do not split K), or from set_cublaslt_tuning.
+enum class GemmTuning { kNone, kAccumulating, kAll };
+void set_cublaslt_tuning(GemmTuning mode);
+GemmTuning cublaslt_tuning();
 
 // Cached shapes of `device` whose algorithm is being measured, and those that settled on one.
 struct CublasLtTuningCounts {

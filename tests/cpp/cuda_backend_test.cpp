@@ -695,20 +695,21 @@ TEST(CudaEdge, LargeVocabulary) {
   }
 }
 
-// The measured algorithm choice of the cuBLASLt GEMMs (cublaslt_gemm.cpp), turned on for this
-// test: a new shape's first calls take turns among cuBLASLt's candidates and each still writes
-// the whole product, the shape settles once its trials have been read, and a stream under graph
-// capture times nothing. The operands are multiples of 1/64 and K is small enough that every
+// The measured algorithm choice of the cuBLASLt GEMMs (cublaslt_gemm.cpp), for every GEMM: a new
+// shape's first calls take turns among cuBLASLt's candidates and each still writes the whole
+// product, the shape settles once its trials have been read, and a stream under graph capture
+// times nothing. Then the default mode: a new shape that writes its output is not measured, one
+// that accumulates is, and every call adds the exact product. The operands are multiples of 1/64 and K is small enough that every
 // partial sum is exact in fp32, so every candidate, in any summation order, must give the exact
 // product.
 TEST(CudaGemm, MeasuredAlgorithmChoice) {
   SKIP_WITHOUT_DEVICE();
   namespace cu = detail::cuda;
   struct Restore {
-    bool was = cu::cublaslt_tuning();
+    cu::GemmTuning was = cu::cublaslt_tuning();
     ~Restore() { cu::set_cublaslt_tuning(was); }
   } restore;
-  cu::set_cublaslt_tuning(true);
+  cu::set_cublaslt_tuning(cu::GemmTuning::kAll);
   int device = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   cu::CublasLtTuningCounts before, after;
@@ -805,6 +806,34 @@ TEST(CudaGemm, MeasuredAlgorithmChoice) {
   CUDA_CHECK(cudaStreamDestroy(stream));
   ASSERT_TRUE(cu::cublaslt_tuning_counts(device, &after).ok());
   EXPECT_EQ(after.measuring, before.measuring + 1);
+
+  cu::set_cublaslt_tuning(cu::GemmTuning::kAccumulating);
+  before = after;
+  const auto written = make(519, 329, 1205);
+  ASSERT_TRUE(cu::cublaslt_gemm(written->g, nullptr, ws.get(), ws.bytes(), false).ok());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  expect_exact(*written, "beta = 0 under the default mode");
+  ASSERT_TRUE(cu::cublaslt_tuning_counts(device, &after).ok());
+  EXPECT_EQ(after.measuring, before.measuring) << "a GEMM that writes its output was measured";
+  EXPECT_EQ(after.settled, before.settled);
+
+  // C = start + A B, from the same exact start every call (multiples of 1/64 below 2).
+  const auto acc = make(519, 329, 1205);
+  acc->g.beta = 1.0f;
+  std::vector<float> start(acc->want.size());
+  for (size_t i = 0; i < start.size(); ++i) {
+    start[i] = value(i + 3) + 1.0f;
+    acc->want[i] += start[i];
+  }
+  for (int call = 0; call < 40; ++call) {
+    acc->c.upload(start.data(), start.size() * 4);
+    ASSERT_TRUE(cu::cublaslt_gemm(acc->g, nullptr, ws.get(), ws.bytes(), false).ok());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    expect_exact(*acc, "accumulating call " + std::to_string(call));
+  }
+  ASSERT_TRUE(cu::cublaslt_tuning_counts(device, &after).ok());
+  EXPECT_EQ(after.settled, before.settled + 1) << "the accumulating GEMM was not measured";
+  EXPECT_EQ(after.measuring, before.measuring);
 }
 
 // Grad-in-forward compact blocks whose rows span several rounds of the pass that turns the fp16
