@@ -31,6 +31,9 @@ struct GemmArgs {
   DType c_type = DType::kFloat32;
   float alpha = 1.0f;
   float beta = 0.0f;
+  // A hint that this shape repeats often enough to be worth timing the backend's candidate
+  // algorithms on its first calls (grad-in-forward's dW accumulation, once per token chunk).
+  bool measure_algorithm = false;
 };
 
 // Counts valid rows, sums class weights and checks labels; fills scalars[kNumScalars].

@@ -436,16 +436,21 @@ Operand from_row(Operand a, int64_t m) {
 }
 
 // The accumulator's rows (+)= a b (k terms each, n columns): one GEMM per part.
+// measure_algorithm: GemmArgs::measure_algorithm of both.
 Status accumulate_gemm(Backend& be, const SplitAccumulator& acc, int64_t n, int64_t k, Operand a,
-                       Operand b, bool accumulate) {
+                       Operand b, bool accumulate, bool measure_algorithm) {
   if (acc.borrowed_rows > 0) {
-    FLCE_RETURN_IF_ERROR(be.gemm(
-        make_gemm(acc.borrowed_rows, n, k, a, b, acc.borrowed, n, DType::kFloat32, accumulate)));
+    GemmArgs g =
+        make_gemm(acc.borrowed_rows, n, k, a, b, acc.borrowed, n, DType::kFloat32, accumulate);
+    g.measure_algorithm = measure_algorithm;
+    FLCE_RETURN_IF_ERROR(be.gemm(g));
   }
   const int64_t own_rows = acc.rows - acc.borrowed_rows;
   if (own_rows == 0) return Status::Ok();
-  return be.gemm(make_gemm(own_rows, n, k, from_row(a, acc.borrowed_rows), b, acc.own, n,
-                           DType::kFloat32, accumulate));
+  GemmArgs g = make_gemm(own_rows, n, k, from_row(a, acc.borrowed_rows), b, acc.own, n,
+                         DType::kFloat32, accumulate);
+  g.measure_algorithm = measure_algorithm;
+  return be.gemm(g);
 }
 
 // dst = src * (row_factor[r] * factor) in dst_type over `rows` contiguous rows of `cols` elements
@@ -574,7 +579,8 @@ Status shifted_chunk(Backend& be, const ForwardParams& p, const LogitsOperands& 
                                    d, row_factor, g));
   }
   return accumulate_gemm(be, dw, d, rows, {terms.ptr, terms.ld, p.dtype, true},
-                         {x_scaled, d, p.dtype, false}, rf.row_offset > 0);
+                         {x_scaled, d, p.dtype, false}, rf.row_offset > 0,
+                         /*measure_algorithm=*/true);
 }
 
 }  // namespace
@@ -778,8 +784,9 @@ Status run_forward(Device device, const ForwardParams& p) {
       const Operand x_group{offset_ptr(p.x, group_start * p.x_row_stride, p.dtype), p.x_row_stride,
                             p.dtype, false};
       if (dw_acc.rows > 0) {
-        FLCE_RETURN_IF_ERROR(
-            accumulate_gemm(*be, dw_acc, d, group_rows, dz_t, x_group, group_start > 0));
+        FLCE_RETURN_IF_ERROR(accumulate_gemm(*be, dw_acc, d, group_rows, dz_t, x_group,
+                                             group_start > 0,
+                                             /*measure_algorithm=*/true));
       } else {
         FLCE_RETURN_IF_ERROR(be->gemm(make_gemm(v, d, group_rows, dz_t, x_group, p.grad_weight, d,
                                                 p.dtype, group_start > 0)));
@@ -905,7 +912,8 @@ Status run_backward(Device device, const BackwardParams& p) {
             row_grad_args(p, scalars, logits, rows, cols, t0, v0, logits, ldz, dz_type), logits));
         if (dx_accum) {  // dx[chunk] (+)= dZ W[v0:v0+cols]
           FLCE_RETURN_IF_ERROR(accumulate_gemm(*be, acc, d, cols, {logits, ldz, dz_type, false},
-                                               {w_chunk, d, p.dtype, false}, v0 > 0));
+                                               {w_chunk, d, p.dtype, false}, v0 > 0,
+                                               /*measure_algorithm=*/false));
         } else if (p.grad_x) {
           FLCE_RETURN_IF_ERROR(be->gemm(
               make_gemm(rows, d, cols, {logits, ldz, dz_type, false}, {w_chunk, d, p.dtype, false},
@@ -962,7 +970,8 @@ Status run_backward(Device device, const BackwardParams& p) {
     }
     if (dx_accum) {  // dx (+)= dZ W[v0:v0+cols]
       FLCE_RETURN_IF_ERROR(accumulate_gemm(*be, acc, d, cols, {dz_base, ldz, dz_type, false},
-                                           {w_chunk, d, p.dtype, false}, v0 > 0));
+                                           {w_chunk, d, p.dtype, false}, v0 > 0,
+                                           /*measure_algorithm=*/false));
     } else if (p.grad_x) {
       FLCE_RETURN_IF_ERROR(
           be->gemm(make_gemm(n, d, cols, {dz_base, ldz, dz_type, false},

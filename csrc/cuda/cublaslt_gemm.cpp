@@ -53,6 +53,7 @@ struct GemmKey {
   int64_t m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldc = 0;
   DType ab_type = DType::kFloat32, c_type = DType::kFloat32;
   bool trans_a = false, trans_b = false, beta_zero = false, tf32 = false;
+  bool measure = false;  // GemmArgs::measure_algorithm
   uint32_t align_a = 0, align_b = 0, align_c = 0;
   uint64_t workspace_bytes = 0;
 
@@ -60,8 +61,8 @@ struct GemmKey {
     return device == o.device && m == o.m && n == o.n && k == o.k && lda == o.lda && ldb == o.ldb &&
            ldc == o.ldc && ab_type == o.ab_type && c_type == o.c_type && trans_a == o.trans_a &&
            trans_b == o.trans_b && beta_zero == o.beta_zero && tf32 == o.tf32 &&
-           align_a == o.align_a && align_b == o.align_b && align_c == o.align_c &&
-           workspace_bytes == o.workspace_bytes;
+           measure == o.measure && align_a == o.align_a && align_b == o.align_b &&
+           align_c == o.align_c && workspace_bytes == o.workspace_bytes;
   }
 };
 
@@ -80,7 +81,7 @@ struct GemmKeyHash {
     mix(static_cast<uint64_t>(k.ldc));
     mix(static_cast<uint64_t>(k.ab_type) | (static_cast<uint64_t>(k.c_type) << 8) |
         (uint64_t(k.trans_a) << 16) | (uint64_t(k.trans_b) << 17) | (uint64_t(k.beta_zero) << 18) |
-        (uint64_t(k.tf32) << 19));
+        (uint64_t(k.measure) << 20) | (uint64_t(k.tf32) << 19));
     mix(static_cast<uint64_t>(k.align_a) | (static_cast<uint64_t>(k.align_b) << 16) |
         (static_cast<uint64_t>(k.align_c) << 32));
     mix(k.workspace_bytes);
@@ -100,12 +101,13 @@ struct GemmKeyHash {
 // lowest median. No call synchronizes, and a stream under graph capture runs the current choice
 // and times nothing.
 //
-// By default only accumulating GEMMs (beta != 0) are measured, among candidates that do not split
-// K: each output element then sums its K products in the same order under every candidate (the
-// benchmark's candidates gave identical bits at every shape it runs), so the first calls stay
-// reproducible. Measuring every GEMM (FLCE_GEMM_TUNING=1) also picked slower algorithms for GEMMs
-// that write their output once: the candidate that wins alone can lose inside the call (qwen-0.5b's
-// dx GEMM, 6.9 -> 7.1 ms per call; bench/NOTES.md, version 12).
+// By default only the GEMMs whose caller asks for it (GemmArgs::measure_algorithm:
+// grad-in-forward's dW accumulation) are measured, among candidates that do not split K: each
+// output element then sums its K products in the same order under every candidate (the benchmark's
+// candidates gave identical bits at every shape it runs), so the first calls stay reproducible.
+// Measuring every GEMM (FLCE_GEMM_TUNING=1) also picked slower algorithms elsewhere: the candidate
+// that wins alone can lose inside the call (qwen-0.5b's dx GEMM, 6.9 -> 7.1 ms per call; the lean
+// plans' dx accumulation at gemma2, 63.7 -> 67.1 ms per call; bench/NOTES.md, version 12).
 constexpr int kTuneCandidates = 8;
 constexpr int kTuneTrials = 3;
 
@@ -115,7 +117,7 @@ std::atomic<GemmTuning>& tuning_switch() {
     const std::string s = v != nullptr ? v : "";
     if (s == "0") return GemmTuning::kNone;
     if (s == "1") return GemmTuning::kAll;
-    return GemmTuning::kAccumulating;
+    return GemmTuning::kRequested;
   }()};
   return mode;
 }
@@ -241,8 +243,8 @@ Status build_entry(cublasLtHandle_t handle, const GemmKey& key, GemmEntry* out) 
       b.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_c, sizeof(key.align_c)));
 
   const GemmTuning mode = tuning_switch().load();
-  const bool accumulating_only = mode == GemmTuning::kAccumulating;
-  const bool tune = mode == GemmTuning::kAll || (accumulating_only && !key.beta_zero);
+  const bool on_request = mode == GemmTuning::kRequested;
+  const bool tune = mode == GemmTuning::kAll || (on_request && key.measure);
   std::vector<cublasLtMatmulHeuristicResult_t> results(tune ? kTuneCandidates : 1);
   int returned = 0;
   FLCE_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, b.e.desc, b.e.a, b.e.b, b.e.c, b.e.c,
@@ -261,9 +263,9 @@ Status build_entry(cublasLtHandle_t handle, const GemmKey& key, GemmEntry* out) 
   if (tune) {
     auto t = std::make_shared<Tuning>();
     // Reproducible by default: no candidate splits K, or nothing is measured.
-    if (!(accumulating_only && splits_k(results[0].algo))) {
+    if (!(on_request && splits_k(results[0].algo))) {
       for (int i = 0; i < returned; ++i) {
-        if (!(accumulating_only && splits_k(results[i].algo))) {
+        if (!(on_request && splits_k(results[i].algo))) {
           t->candidates.push_back(results[i].algo);
         }
       }
@@ -433,6 +435,7 @@ Status cublaslt_gemm(const GemmArgs& g, cudaStream_t stream, void* workspace,
   key.trans_a = g.trans_a;
   key.trans_b = g.trans_b;
   key.beta_zero = g.beta == 0.0f;
+  key.measure = g.measure_algorithm;
   key.tf32 = allow_tf32 && g.a_type == DType::kFloat32;
   key.align_a = alignment_of(g.a);
   key.align_b = alignment_of(g.b);

@@ -26,9 +26,10 @@ Status cublaslt_gemm(const GemmArgs& args, cudaStream_t stream, void* workspace,
 
 // Measured algorithm choice (cublaslt_gemm.cpp says how and why): shapes first seen under it
 // time the heuristic's top candidates on their first calls and keep the fastest. The mode comes
-// from FLCE_GEMM_TUNING when the first GEMM runs (0: none, 1: every GEMM, unset: accumulating
-// GEMMs, among candidates that do not split K), or from set_cublaslt_tuning.
-enum class GemmTuning { kNone, kAccumulating, kAll };
+// from FLCE_GEMM_TUNING when the first GEMM runs (0: none, 1: every GEMM, unset: the GEMMs that
+// ask for it, GemmArgs::measure_algorithm, among candidates that do not split K), or from
+// set_cublaslt_tuning.
+enum class GemmTuning { kNone, kRequested, kAll };
 void set_cublaslt_tuning(GemmTuning mode);
 GemmTuning cublaslt_tuning();
 

@@ -698,8 +698,9 @@ TEST(CudaEdge, LargeVocabulary) {
 // The measured algorithm choice of the cuBLASLt GEMMs (cublaslt_gemm.cpp), for every GEMM: a new
 // shape's first calls take turns among cuBLASLt's candidates and each still writes the whole
 // product, the shape settles once its trials have been read, and a stream under graph capture
-// times nothing. Then the default mode: a new shape that writes its output is not measured, one
-// that accumulates is, and every call adds the exact product. The operands are multiples of 1/64 and K is small enough that every
+// times nothing. Then the default mode: a new shape that does not ask for it is not measured, an
+// accumulating one that asks (GemmArgs::measure_algorithm) is, and every call adds the exact
+// product. The operands are multiples of 1/64 and K is small enough that every
 // partial sum is exact in fp32, so every candidate, in any summation order, must give the exact
 // product.
 TEST(CudaGemm, MeasuredAlgorithmChoice) {
@@ -807,20 +808,21 @@ TEST(CudaGemm, MeasuredAlgorithmChoice) {
   ASSERT_TRUE(cu::cublaslt_tuning_counts(device, &after).ok());
   EXPECT_EQ(after.measuring, before.measuring + 1);
 
-  cu::set_cublaslt_tuning(cu::GemmTuning::kAccumulating);
+  cu::set_cublaslt_tuning(cu::GemmTuning::kRequested);
   before = after;
-  const auto written = make(519, 329, 1205);
-  ASSERT_TRUE(cu::cublaslt_gemm(written->g, nullptr, ws.get(), ws.bytes(), false).ok());
+  const auto unasked = make(519, 329, 1205);
+  ASSERT_TRUE(cu::cublaslt_gemm(unasked->g, nullptr, ws.get(), ws.bytes(), false).ok());
   CUDA_CHECK(cudaDeviceSynchronize());
-  expect_exact(*written, "beta = 0 under the default mode");
+  expect_exact(*unasked, "a GEMM that does not ask to be measured");
   ASSERT_TRUE(cu::cublaslt_tuning_counts(device, &after).ok());
-  EXPECT_EQ(after.measuring, before.measuring) << "a GEMM that writes its output was measured";
+  EXPECT_EQ(after.measuring, before.measuring) << "a GEMM that did not ask was measured";
   EXPECT_EQ(after.settled, before.settled);
 
   // C = start + A B, from the same exact start every call (multiples of 1/64 below 2). A short
   // K: the heuristic's choice for a long one splits K, which the default mode does not measure.
   const auto acc = make(1031, 517, 136);
   acc->g.beta = 1.0f;
+  acc->g.measure_algorithm = true;
   std::vector<float> start(acc->want.size());
   for (size_t i = 0; i < start.size(); ++i) {
     start[i] = value(i + 3) + 1.0f;
