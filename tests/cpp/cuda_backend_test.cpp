@@ -818,9 +818,10 @@ TEST(CudaGemm, MeasuredAlgorithmChoice) {
   EXPECT_EQ(after.measuring, before.measuring) << "a GEMM that did not ask was measured";
   EXPECT_EQ(after.settled, before.settled);
 
-  // C = start + A B, from the same exact start every call (multiples of 1/64 below 2). A short
-  // K: the heuristic's choice for a long one splits K, which the default mode does not measure.
-  const auto acc = make(1031, 517, 136);
+  // C = start + A B, from the same exact start every call (multiples of 1/64 below 2). A short K
+  // and aligned rows, like the dW GEMMs that ask: at 1031 x 517 x 136 the heuristic offered no
+  // two candidates that keep K whole, so nothing was measured.
+  const auto acc = make(4096, 512, 64);
   acc->g.beta = 1.0f;
   acc->g.measure_algorithm = true;
   std::vector<float> start(acc->want.size());
