@@ -323,10 +323,11 @@ def test_kernel_label(name, label):
 
 
 def test_kernel_table_runs_on_cpu(tmp_path):
-    args = ["--device", "cpu", "--shape", TINY, "--iters", "2", "--reps", "2"]
+    args = ["--device", "cpu", "--shape", TINY, "--iters", "2", "--reps", "2", "--warmup", "1"]
     args += ["--out", str(tmp_path)]
     assert kernels.main(args) == 0
     md = (tmp_path / "cpu-kernels.md").read_text()
+    assert "median of 2 calls after 1 warm-up calls" in md
     for strategy in kernels.STRATEGIES:
         assert f"## tiny (N=67, V=1031, D=48), {strategy}" in md
     # Each table lists flce's forward op with one call per call (the profile is averaged).
@@ -364,6 +365,13 @@ def test_kernel_table_at_given_budgets(tmp_path):
 def test_kernel_table_rejects_unknown_strategy(tmp_path):
     with pytest.raises(SystemExit):
         kernels.main(["--device", "cpu", "--strategies", "fast", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("flag", [["--warmup", "-1"], ["--iters", "0"], ["--reps", "0"]])
+def test_kernel_table_rejects_bad_counts(tmp_path, flag, capsys):
+    with pytest.raises(SystemExit):
+        kernels.main(["--device", "cpu", *flag, "--out", str(tmp_path)])
+    assert flag[0] in capsys.readouterr().err
 
 
 @pytest.mark.gpu

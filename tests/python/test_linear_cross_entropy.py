@@ -242,7 +242,7 @@ def test_small_budget_token_outer_and_split_rows(device, dtype):
     """A budget too small for the [N, D] fp32 dx accumulator: the backward walks token chunks
     outermost (dW accumulated across them) and the forward splits rows into vocabulary blocks."""
     n, vocab, hidden = 600, 5000, 48
-    kw = dict(has_bias=True, needs_grad_bias=True, strategy="recompute")
+    kw = {"has_bias": True, "needs_grad_bias": True, "strategy": "recompute"}
     need = flce.plan(n, vocab, hidden, dtype, device, memory_budget=1 << 40, **kw)
     budget = need["min_budget_bytes"] + n * hidden * 4 // 4
     plan = flce.plan(n, vocab, hidden, dtype, device, memory_budget=budget, **kw)

@@ -167,7 +167,7 @@ def test_plan_compact_forward_blocks(device):
     serves the forward: not with metrics, soft-capping or fp32 inputs. Without gradients the
     forward's workspace then shrinks from a 512 MiB fp32 block to 1/32 of its bytes a row."""
     shape = (8192, 256000, 2304)
-    no_grad = dict(needs_grad_x=False, needs_grad_weight=False)
+    no_grad = {"needs_grad_x": False, "needs_grad_weight": False}
     plain = flce.plan(*shape, torch.bfloat16, device, **no_grad)
     metrics = flce.plan(*shape, torch.bfloat16, device, return_metrics=True, **no_grad)
     capped = flce.plan(*shape, torch.bfloat16, device, softcap=30.0, **no_grad)
