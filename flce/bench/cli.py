@@ -69,8 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--warmup",
         type=int,
-        default=2,
-        help="untimed fwd+bwd runs before the measurements (compilation, autotuning)",
+        default=10,
+        help="untimed fwd+bwd runs before the measurements (compilation, autotuning; flce's dW "
+        "GEMMs settle their algorithm in up to 8)",
     )
     p.add_argument("--iters", type=int, default=7, help="timed runs per measurement (median)")
     p.add_argument(

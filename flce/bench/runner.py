@@ -29,7 +29,7 @@ GiB = float(1 << 30)
 @dataclasses.dataclass
 class Settings:
     device: torch.device
-    warmup: int = 2
+    warmup: int = 10
     iters: int = 7
     forward_only: bool = True
     softcap: float | None = None
