@@ -7,6 +7,8 @@
 // logit (ShiftedRow::label_term).
 // shifted_rows: after the LSE, per row (one warp): its largest |x|, its ShiftedRow, factor * x,
 // and the label's term for kept rows; then rewrite_terms rewrites every term of the other rows.
+// cast: the conversions around them (the dx rows with their factors, the dW accumulator with the
+// upstream factor) and the driver's other fp32 -> 16-bit conversions.
 #include <algorithm>
 #include <climits>
 
@@ -162,6 +164,36 @@ __global__ void __launch_bounds__(kRewriteThreads) rewrite_terms_kernel(ShiftedR
   }
 }
 
+// cast ----------------------------------------------------------------------------------------
+
+constexpr int kCastThreads = 256;
+constexpr int kCastVec = 8;
+
+template <typename Src, typename Dst, int kVec>
+__global__ void __launch_bounds__(kCastThreads) cast_kernel(CastArgs a) {
+  const float f = a.factor != nullptr ? *a.factor : 1.0f;
+  const int64_t groups_per_row = (a.cols + kVec - 1) / kVec;
+  const int64_t total = a.rows * groups_per_row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / groups_per_row;
+    const int64_t c0 = (i - r * groups_per_row) * kVec;
+    const float s = a.row_factor != nullptr ? a.row_factor[r] * f : f;
+    const Src* src = static_cast<const Src*>(a.src) + r * a.ld_src + c0;
+    Dst* dst = static_cast<Dst*>(a.dst) + r * a.ld_dst + c0;
+    if (kVec > 1 && c0 + kVec <= a.cols) {
+      float v[kVec];
+      load_vec<Src, kVec>(src, v);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) v[j] *= s;
+      store_vec<Dst, kVec>(dst, v);
+    } else {
+      for (int j = 0; j < kVec && c0 + j < a.cols; ++j)
+        dst[j] = from_float<Dst>(to_float(src[j]) * s);
+    }
+  }
+}
+
 }  // namespace
 
 Status launch_label_shift(const LabelShiftArgs& a, cudaStream_t stream) {
@@ -231,6 +263,37 @@ Status launch_shifted_rows(const ShiftedRowsArgs& a, cudaStream_t stream) {
     }
     FLCE_CUDA_CHECK_LAUNCH("rewrite_terms_kernel");
     return Status::Ok();
+  });
+}
+
+Status launch_cast(const CastArgs& a, cudaStream_t stream) {
+  if (a.rows == 0 || a.cols == 0) return Status::Ok();
+  if (a.rows < 0 || a.cols < 0 || a.ld_src < a.cols || a.ld_dst < a.cols || !a.src || !a.dst) {
+    return invalid("cast: need rows, cols >= 0, ld_src and ld_dst >= cols, src and dst");
+  }
+  return dispatch_dtype(a.src_type, [&](auto src_tag) {
+    using Src = typename decltype(src_tag)::type;
+    return dispatch_dtype(a.dst_type, [&](auto dst_tag) {
+      using Dst = typename decltype(dst_tag)::type;
+      // One row needs no pitch that keeps later rows aligned.
+      const bool one_row = a.rows == 1;
+      const bool vec =
+          is_aligned(a.src, kCastVec * sizeof(Src)) && (one_row || a.ld_src % kCastVec == 0) &&
+          is_aligned(a.dst, kCastVec * sizeof(Dst)) && (one_row || a.ld_dst % kCastVec == 0);
+      const int64_t vec_width = vec ? kCastVec : 1;
+      const int64_t work = a.rows * ((a.cols + vec_width - 1) / vec_width);
+      // A grid-stride loop: enough blocks to fill the GPU several times over.
+      const int64_t blocks = std::min<int64_t>((work + kCastThreads - 1) / kCastThreads,
+                                               static_cast<int64_t>(current_device_sms()) * 16);
+      if (vec) {
+        cast_kernel<Src, Dst, kCastVec>
+            <<<static_cast<unsigned>(blocks), kCastThreads, 0, stream>>>(a);
+      } else {
+        cast_kernel<Src, Dst, 1><<<static_cast<unsigned>(blocks), kCastThreads, 0, stream>>>(a);
+      }
+      FLCE_CUDA_CHECK_LAUNCH("cast_kernel");
+      return Status::Ok();
+    });
   });
 }
 
