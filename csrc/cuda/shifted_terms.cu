@@ -62,7 +62,6 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock* kWarpSize)
 // the launch's tail (0.58 ms of qwen-0.5b's 24.8 at 2048-row chunks, bench/NOTES.md version 11).
 
 constexpr int kRewriteThreads = 256;
-constexpr int kRewriteBlocksPerSm = 2048 / kRewriteThreads;  // Hopper's 2048 threads per SM
 constexpr int kTermCols = 8;  // columns per access of the terms (16 bytes)
 static_assert(kPartialStatsCols % kTermCols == 0, "a group of columns lies in one tile");
 // Columns of a rewritten row per block and work item: several accesses per thread, so that the
@@ -246,14 +245,10 @@ Status launch_shifted_rows(const ShiftedRowsArgs& a, cudaStream_t stream) {
     shifted_rows_kernel<XT>
         <<<static_cast<unsigned>(row_blocks), kWarpRowsPerBlock * kWarpSize, 0, stream>>>(a);
     FLCE_CUDA_CHECK_LAUNCH("shifted_rows_kernel");
-    // A full GPU of blocks (kRewriteBlocksPerSm each): with many rewritten rows (peaked logits)
-    // the kernel streams their terms and needs every resident thread; with none, each block
-    // returns at once. With two blocks per SM, Gemma-2 on CCE's peaked data ran 2.5 ms slower
-    // than with one block per row (version 11), the only change there that depends on the data
-    // (bench/NOTES.md, version 12; this width is not measured yet).
+    // Enough blocks for a few rewritten rows to fill the GPU; with none, each returns at once.
     const int64_t items_per_row = (g.cols + kRewriteCols - 1) / kRewriteCols;
-    const int64_t blocks = std::min<int64_t>(
-        g.rows * items_per_row, static_cast<int64_t>(current_device_sms()) * kRewriteBlocksPerSm);
+    const int64_t blocks =
+        std::min<int64_t>(g.rows * items_per_row, static_cast<int64_t>(current_device_sms()) * 2);
     const bool vec = is_aligned(g.dz, 16) && g.ldz % kTermCols == 0;
     if (vec) {
       rewrite_terms_kernel<XT, kTermCols>
