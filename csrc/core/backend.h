@@ -239,8 +239,9 @@ class Backend {
   virtual Status rows_grad(const RowGradArgs& args) = 0;
   virtual Status column_sum(const ColumnSumArgs& args) = 0;
   virtual Status finalize(const FinalizeArgs& args) = 0;
-  // dst[i] = src[i] converted to dst_type (fp32 accumulators into output dtype).
-  virtual Status convert(const float* src, void* dst, DType dst_type, int64_t count) = 0;
+  // Conversions between fp32 and 16-bit (the fp32 accumulators into the outputs), with optional
+  // per-row and device-side factors (CastArgs).
+  virtual Status cast(const CastArgs& args) = 0;
   virtual Status fill_zero(void* ptr, size_t bytes) = 0;
   // data[i] *= *factor in place, `factor` read where the backend's data lives; nothing is read or
   // written when *factor == 1.
@@ -267,7 +268,6 @@ class Backend {
   // produces; the defaults fail.
   virtual Status label_shift(const LabelShiftArgs& args);
   virtual Status shifted_rows(const ShiftedRowsArgs& args);
-  virtual Status cast(const CastArgs& args);
 };
 
 // What the planner must know about a backend without constructing it.

@@ -35,9 +35,6 @@ Status Backend::label_shift(const LabelShiftArgs&) {
 Status Backend::shifted_rows(const ShiftedRowsArgs&) {
   return Status::Error(StatusCode::kNotCompiled, "this backend has no row-shifted terms");
 }
-Status Backend::cast(const CastArgs&) {
-  return Status::Error(StatusCode::kNotCompiled, "this backend has no cast");
-}
 
 namespace {
 
@@ -815,7 +812,9 @@ Status run_forward(Device device, const ForwardParams& p) {
         FLCE_RETURN_IF_ERROR(finish_accumulator(*be, dw_acc, d, p.grad_weight, p.dtype,
                                                 shifted ? shifted_g : nullptr));
       }
-      if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->convert(db_accum, p.grad_bias, p.dtype, v));
+      if (p.grad_bias) {
+        FLCE_RETURN_IF_ERROR(cast_rows(*be, db_accum, DType::kFloat32, p.grad_bias, p.dtype, 1, v));
+      }
     }
   }
   return Status::Ok();
@@ -942,7 +941,9 @@ Status run_backward(Device device, const BackwardParams& p) {
                                                 p.dtype, nullptr));
       }
     }
-    if (p.grad_bias) FLCE_RETURN_IF_ERROR(be->convert(db_accum, p.grad_bias, p.dtype, v));
+    if (p.grad_bias) {
+      FLCE_RETURN_IF_ERROR(cast_rows(*be, db_accum, DType::kFloat32, p.grad_bias, p.dtype, 1, v));
+    }
     return Status::Ok();
   }
 
@@ -986,8 +987,8 @@ Status run_backward(Device device, const BackwardParams& p) {
       cs.cols = cols;
       cs.acc = db_accum;
       FLCE_RETURN_IF_ERROR(be->column_sum(cs));
-      FLCE_RETURN_IF_ERROR(
-          be->convert(db_accum, offset_ptr(p.grad_bias, v0, p.dtype), p.dtype, cols));
+      FLCE_RETURN_IF_ERROR(cast_rows(*be, db_accum, DType::kFloat32,
+                                     offset_ptr(p.grad_bias, v0, p.dtype), p.dtype, 1, cols));
     }
   }
   if (dx_accum) {

@@ -23,9 +23,6 @@ class CpuBackend final : public Backend {
   Status rows_grad(const RowGradArgs& args) override { return cpu::rows_grad(args); }
   Status column_sum(const ColumnSumArgs& args) override { return cpu::column_sum(args); }
   Status finalize(const FinalizeArgs& args) override { return cpu::finalize(args); }
-  Status convert(const float* src, void* dst, DType dst_type, int64_t count) override {
-    return cpu::convert(src, dst, dst_type, count);
-  }
   Status fill_zero(void* ptr, size_t bytes) override {
     if (bytes > 0) std::memset(ptr, 0, bytes);
     return Status::Ok();

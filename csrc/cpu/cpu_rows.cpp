@@ -309,19 +309,6 @@ Status finalize(const FinalizeArgs& a) {
   return Status::Ok();
 }
 
-Status convert(const float* src, void* dst, DType dst_type, int64_t count) {
-  if (count <= 0) return Status::Ok();
-  if (dst_type == DType::kFloat32) {
-    if (static_cast<const void*>(src) != dst) {
-      std::copy(src, src + count, static_cast<float*>(dst));
-    }
-    return Status::Ok();
-  }
-#pragma omp parallel for schedule(static) if (count > (int64_t(1) << 15))
-  for (int64_t i = 0; i < count; ++i) store_from_float(dst, dst_type, i, src[i]);
-  return Status::Ok();
-}
-
 Status scale(void* data, DType type, int64_t count, const float* factor) {
   const float s = *factor;
   if (count <= 0 || s == 1.0f) return Status::Ok();

@@ -13,7 +13,6 @@ Status rows_forward(const RowForwardArgs& args);
 Status rows_grad(const RowGradArgs& args);
 Status column_sum(const ColumnSumArgs& args);
 Status finalize(const FinalizeArgs& args);
-Status convert(const float* src, void* dst, DType dst_type, int64_t count);
 Status scale(void* data, DType type, int64_t count, const float* factor);
 // dst[r, c] = src[r, c] * row_factor[r] * factor[0] (CastArgs).
 Status cast(const CastArgs& args);

@@ -39,9 +39,6 @@ class CudaBackend final : public Backend {
   Status finalize(const FinalizeArgs& args) override {
     return cuda::launch_finalize(args, stream_);
   }
-  Status convert(const float* src, void* dst, DType dst_type, int64_t count) override {
-    return cuda::launch_convert(src, dst, dst_type, count, stream_);
-  }
   Status fill_zero(void* ptr, size_t bytes) override {
     if (bytes == 0) return Status::Ok();
     if (ptr == nullptr) {

@@ -1,5 +1,6 @@
 // Reductions over rows and columns: prepare (label scan), finalize (loss and metrics), the bias
-// gradient's column sum, and the fp32 -> output dtype conversion.
+// gradient's column sum; and the elementwise passes: scale (the upstream gradient) and cast (the
+// driver's conversions between fp32 and 16-bit, with optional per-row and device-side factors).
 //
 // Every reduction runs in a fixed order (fixed thread-to-element assignment, fixed tree), so a
 // call gives bit-identical results run to run: no atomics.
@@ -8,6 +9,7 @@
 
 #include "core/row_math.h"
 #include "cuda/common.cuh"
+#include "cuda/fused_logits.h"
 #include "cuda/launch.h"
 
 namespace flce::detail::cuda {
@@ -183,54 +185,22 @@ __global__ void __launch_bounds__(kColThreads)
   }
 }
 
-// convert ------------------------------------------------------------------------------------
-
-constexpr int kConvertThreads = 256;
-// Grid-stride beyond this many blocks: already several waves on any current GPU.
-constexpr int64_t kConvertMaxBlocks = 8192;
-
-// Blocks of kConvertThreads for a grid-stride walk over `count` elements, `per_thread` each.
-unsigned grid_stride_blocks(int64_t count, int per_thread) {
-  const int64_t per_block = static_cast<int64_t>(kConvertThreads) * per_thread;
-  return static_cast<unsigned>(std::min((count + per_block - 1) / per_block, kConvertMaxBlocks));
-}
-
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kConvertThreads)
-    convert_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t count) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * VEC;
-  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; i < count;
-       i += stride) {
-    if (i + VEC <= count) {
-      float v[VEC];
-      load_vec<float, VEC>(src + i, v);
-      store_vec<T, VEC>(dst + i, v);
-    } else {
-      for (int j = 0; i + j < count; ++j) dst[i + j] = from_float<T>(src[i + j]);
-    }
-  }
-}
-
-template <typename T>
-Status convert_to(const float* src, T* dst, int64_t count, cudaStream_t stream) {
-  constexpr int kVec = 4;
-  const bool vec = is_aligned(src, kVec * sizeof(float)) && is_aligned(dst, kVec * sizeof(T));
-  const unsigned blocks = grid_stride_blocks(count, vec ? kVec : 1);
-  if (vec) {
-    convert_kernel<T, kVec><<<blocks, kConvertThreads, 0, stream>>>(src, dst, count);
-  } else {
-    convert_kernel<T, 1><<<blocks, kConvertThreads, 0, stream>>>(src, dst, count);
-  }
-  FLCE_CUDA_CHECK_LAUNCH("convert_kernel");
-  return Status::Ok();
-}
-
 // scale --------------------------------------------------------------------------------------
+
+constexpr int kScaleThreads = 256;
+// Grid-stride beyond this many blocks: already several waves on any current GPU.
+constexpr int64_t kScaleMaxBlocks = 8192;
+
+// Blocks of kScaleThreads for a grid-stride walk over `count` elements, `per_thread` each.
+unsigned grid_stride_blocks(int64_t count, int per_thread) {
+  const int64_t per_block = static_cast<int64_t>(kScaleThreads) * per_thread;
+  return static_cast<unsigned>(std::min((count + per_block - 1) / per_block, kScaleMaxBlocks));
+}
 
 // Every thread reads the factor and leaves at once when it is 1: the whole launch then touches
 // no data, which is what makes rescaling by a unit upstream gradient free.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kConvertThreads)
+__global__ void __launch_bounds__(kScaleThreads)
     scale_kernel(T* __restrict__ data, int64_t count, const float* __restrict__ factor) {
   const float s = *factor;
   if (s == 1.0f) return;
@@ -255,12 +225,42 @@ Status scale_as(T* data, int64_t count, const float* factor, cudaStream_t stream
   const bool vec = is_aligned(data, 16);
   const unsigned blocks = grid_stride_blocks(count, vec ? kVec : 1);
   if (vec) {
-    scale_kernel<T, kVec><<<blocks, kConvertThreads, 0, stream>>>(data, count, factor);
+    scale_kernel<T, kVec><<<blocks, kScaleThreads, 0, stream>>>(data, count, factor);
   } else {
-    scale_kernel<T, 1><<<blocks, kConvertThreads, 0, stream>>>(data, count, factor);
+    scale_kernel<T, 1><<<blocks, kScaleThreads, 0, stream>>>(data, count, factor);
   }
   FLCE_CUDA_CHECK_LAUNCH("scale_kernel");
   return Status::Ok();
+}
+
+// cast ----------------------------------------------------------------------------------------
+
+constexpr int kCastThreads = 256;
+constexpr int kCastVec = 8;
+
+template <typename Src, typename Dst, int kVec>
+__global__ void __launch_bounds__(kCastThreads) cast_kernel(CastArgs a) {
+  const float f = a.factor != nullptr ? *a.factor : 1.0f;
+  const int64_t groups_per_row = (a.cols + kVec - 1) / kVec;
+  const int64_t total = a.rows * groups_per_row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / groups_per_row;
+    const int64_t c0 = (i - r * groups_per_row) * kVec;
+    const float s = a.row_factor != nullptr ? a.row_factor[r] * f : f;
+    const Src* src = static_cast<const Src*>(a.src) + r * a.ld_src + c0;
+    Dst* dst = static_cast<Dst*>(a.dst) + r * a.ld_dst + c0;
+    if (kVec > 1 && c0 + kVec <= a.cols) {
+      float v[kVec];
+      load_vec<Src, kVec>(src, v);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) v[j] *= s;
+      store_vec<Dst, kVec>(dst, v);
+    } else {
+      for (int j = 0; j < kVec && c0 + j < a.cols; ++j)
+        dst[j] = from_float<Dst>(to_float(src[j]) * s);
+    }
+  }
 }
 
 }  // namespace
@@ -360,23 +360,35 @@ Status launch_column_sum(const ColumnSumArgs& a, cudaStream_t stream) {
   return invalid("column_sum: unsupported dtype code " + std::to_string(static_cast<int>(a.type)));
 }
 
-Status launch_convert(const float* src, void* dst, DType dst_type, int64_t count,
-                      cudaStream_t stream) {
-  if (count == 0) return Status::Ok();
-  if (count < 0) return invalid("convert: count must be >= 0, got " + std::to_string(count));
-  if (src == nullptr || dst == nullptr) return invalid("convert: src and dst must not be null");
-  switch (dst_type) {
-    case DType::kFloat32:
-      if (src == dst) return Status::Ok();
-      FLCE_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(count) * sizeof(float),
-                                      cudaMemcpyDeviceToDevice, stream));
-      return Status::Ok();
-    case DType::kFloat16:
-      return convert_to(src, static_cast<__half*>(dst), count, stream);
-    case DType::kBFloat16:
-      return convert_to(src, static_cast<__nv_bfloat16*>(dst), count, stream);
+Status launch_cast(const CastArgs& a, cudaStream_t stream) {
+  if (a.rows == 0 || a.cols == 0) return Status::Ok();
+  if (a.rows < 0 || a.cols < 0 || a.ld_src < a.cols || a.ld_dst < a.cols || !a.src || !a.dst) {
+    return invalid("cast: need rows, cols >= 0, ld_src and ld_dst >= cols, src and dst");
   }
-  return invalid("convert: unsupported dtype code " + std::to_string(static_cast<int>(dst_type)));
+  return dispatch_dtype(a.src_type, [&](auto src_tag) {
+    using Src = typename decltype(src_tag)::type;
+    return dispatch_dtype(a.dst_type, [&](auto dst_tag) {
+      using Dst = typename decltype(dst_tag)::type;
+      // One row needs no pitch that keeps later rows aligned.
+      const bool one_row = a.rows == 1;
+      const bool vec =
+          is_aligned(a.src, kCastVec * sizeof(Src)) && (one_row || a.ld_src % kCastVec == 0) &&
+          is_aligned(a.dst, kCastVec * sizeof(Dst)) && (one_row || a.ld_dst % kCastVec == 0);
+      const int64_t vec_width = vec ? kCastVec : 1;
+      const int64_t work = a.rows * ((a.cols + vec_width - 1) / vec_width);
+      // A grid-stride loop: enough blocks to fill the GPU several times over.
+      const int64_t blocks = std::min<int64_t>((work + kCastThreads - 1) / kCastThreads,
+                                               static_cast<int64_t>(current_device_sms()) * 16);
+      if (vec) {
+        cast_kernel<Src, Dst, kCastVec>
+            <<<static_cast<unsigned>(blocks), kCastThreads, 0, stream>>>(a);
+      } else {
+        cast_kernel<Src, Dst, 1><<<static_cast<unsigned>(blocks), kCastThreads, 0, stream>>>(a);
+      }
+      FLCE_CUDA_CHECK_LAUNCH("cast_kernel");
+      return Status::Ok();
+    });
+  });
 }
 
 }  // namespace flce::detail::cuda

@@ -7,8 +7,6 @@
 // logit (ShiftedRow::label_term).
 // shifted_rows: after the LSE, per row (one warp): its largest |x|, its ShiftedRow, factor * x,
 // and the label's term for kept rows; then rewrite_terms rewrites every term of the other rows.
-// cast: the conversions around them (the dx rows with their factors, the dW accumulator with the
-// upstream factor) and the driver's other fp32 -> 16-bit conversions.
 #include <algorithm>
 #include <climits>
 
@@ -62,6 +60,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock* kWarpSize)
 // the launch's tail (0.58 ms of qwen-0.5b's 24.8 at 2048-row chunks, bench/NOTES.md version 11).
 
 constexpr int kRewriteThreads = 256;
+constexpr int kRewriteBlocksPerSm = 2048 / kRewriteThreads;  // Hopper's 2048 threads per SM
 constexpr int kTermCols = 8;  // columns per access of the terms (16 bytes)
 static_assert(kPartialStatsCols % kTermCols == 0, "a group of columns lies in one tile");
 // Columns of a rewritten row per block and work item: several accesses per thread, so that the
@@ -163,36 +162,6 @@ __global__ void __launch_bounds__(kRewriteThreads) rewrite_terms_kernel(ShiftedR
   }
 }
 
-// cast ----------------------------------------------------------------------------------------
-
-constexpr int kCastThreads = 256;
-constexpr int kCastVec = 8;
-
-template <typename Src, typename Dst, int kVec>
-__global__ void __launch_bounds__(kCastThreads) cast_kernel(CastArgs a) {
-  const float f = a.factor != nullptr ? *a.factor : 1.0f;
-  const int64_t groups_per_row = (a.cols + kVec - 1) / kVec;
-  const int64_t total = a.rows * groups_per_row;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / groups_per_row;
-    const int64_t c0 = (i - r * groups_per_row) * kVec;
-    const float s = a.row_factor != nullptr ? a.row_factor[r] * f : f;
-    const Src* src = static_cast<const Src*>(a.src) + r * a.ld_src + c0;
-    Dst* dst = static_cast<Dst*>(a.dst) + r * a.ld_dst + c0;
-    if (kVec > 1 && c0 + kVec <= a.cols) {
-      float v[kVec];
-      load_vec<Src, kVec>(src, v);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) v[j] *= s;
-      store_vec<Dst, kVec>(dst, v);
-    } else {
-      for (int j = 0; j < kVec && c0 + j < a.cols; ++j)
-        dst[j] = from_float<Dst>(to_float(src[j]) * s);
-    }
-  }
-}
-
 }  // namespace
 
 Status launch_label_shift(const LabelShiftArgs& a, cudaStream_t stream) {
@@ -245,10 +214,14 @@ Status launch_shifted_rows(const ShiftedRowsArgs& a, cudaStream_t stream) {
     shifted_rows_kernel<XT>
         <<<static_cast<unsigned>(row_blocks), kWarpRowsPerBlock * kWarpSize, 0, stream>>>(a);
     FLCE_CUDA_CHECK_LAUNCH("shifted_rows_kernel");
-    // Enough blocks for a few rewritten rows to fill the GPU; with none, each returns at once.
+    // A full GPU of blocks (kRewriteBlocksPerSm each): with many rewritten rows (peaked logits)
+    // the kernel streams their terms and needs every resident thread; with none, each block
+    // returns at once. With two blocks per SM, Gemma-2 on CCE's peaked data ran 2.5 ms slower
+    // than with one block per row (version 11), the only change there that depends on the data
+    // (bench/NOTES.md, version 12; this width is not measured yet).
     const int64_t items_per_row = (g.cols + kRewriteCols - 1) / kRewriteCols;
-    const int64_t blocks =
-        std::min<int64_t>(g.rows * items_per_row, static_cast<int64_t>(current_device_sms()) * 2);
+    const int64_t blocks = std::min<int64_t>(
+        g.rows * items_per_row, static_cast<int64_t>(current_device_sms()) * kRewriteBlocksPerSm);
     const bool vec = is_aligned(g.dz, 16) && g.ldz % kTermCols == 0;
     if (vec) {
       rewrite_terms_kernel<XT, kTermCols>
@@ -258,37 +231,6 @@ Status launch_shifted_rows(const ShiftedRowsArgs& a, cudaStream_t stream) {
     }
     FLCE_CUDA_CHECK_LAUNCH("rewrite_terms_kernel");
     return Status::Ok();
-  });
-}
-
-Status launch_cast(const CastArgs& a, cudaStream_t stream) {
-  if (a.rows == 0 || a.cols == 0) return Status::Ok();
-  if (a.rows < 0 || a.cols < 0 || a.ld_src < a.cols || a.ld_dst < a.cols || !a.src || !a.dst) {
-    return invalid("cast: need rows, cols >= 0, ld_src and ld_dst >= cols, src and dst");
-  }
-  return dispatch_dtype(a.src_type, [&](auto src_tag) {
-    using Src = typename decltype(src_tag)::type;
-    return dispatch_dtype(a.dst_type, [&](auto dst_tag) {
-      using Dst = typename decltype(dst_tag)::type;
-      // One row needs no pitch that keeps later rows aligned.
-      const bool one_row = a.rows == 1;
-      const bool vec =
-          is_aligned(a.src, kCastVec * sizeof(Src)) && (one_row || a.ld_src % kCastVec == 0) &&
-          is_aligned(a.dst, kCastVec * sizeof(Dst)) && (one_row || a.ld_dst % kCastVec == 0);
-      const int64_t vec_width = vec ? kCastVec : 1;
-      const int64_t work = a.rows * ((a.cols + vec_width - 1) / vec_width);
-      // A grid-stride loop: enough blocks to fill the GPU several times over.
-      const int64_t blocks = std::min<int64_t>((work + kCastThreads - 1) / kCastThreads,
-                                               static_cast<int64_t>(current_device_sms()) * 16);
-      if (vec) {
-        cast_kernel<Src, Dst, kCastVec>
-            <<<static_cast<unsigned>(blocks), kCastThreads, 0, stream>>>(a);
-      } else {
-        cast_kernel<Src, Dst, 1><<<static_cast<unsigned>(blocks), kCastThreads, 0, stream>>>(a);
-      }
-      FLCE_CUDA_CHECK_LAUNCH("cast_kernel");
-      return Status::Ok();
-    });
   });
 }
 
