@@ -3,8 +3,10 @@
     python -m flce.bench.kernels                         # every benchmark shape, on the GPU
     python -m flce.bench.kernels --shapes qwen-0.5b,gemma2 --strategies recompute
     python -m flce.bench.kernels --device cpu --shape tiny:67:1031:48   # operators, on the CPU
+    python -m flce.bench.kernels --shapes gemma2 --data cce     # peaked logits (CCE's data)
 
-For each shape (bf16 on a GPU, float32 on the CPU; lm data, 10% ignored labels) and strategy
+For each shape (bf16 on a GPU, float32 on the CPU; lm data unless --data says otherwise, 10%
+ignored labels) and strategy
 (`auto` at the default budget, `recompute` at the lean budget of 60 MiB, `forward`: the forward
 alone without gradients) it times flce.linear_cross_entropy and the cuBLAS floor in the same run
 (three matmuls, or one for the forward), then profiles a few calls with torch.profiler and lists
@@ -139,8 +141,9 @@ def section(
     top: int,
     budget: int | None = None,  # auto only (main passes None for the other strategies)
     warmup: int = 0,
+    kind: str = "lm",
 ) -> list[str]:
-    x, w, y = data.make_inputs(shape, "lm", device, dtype, seed=0)
+    x, w, y = data.make_inputs(shape, kind, device, dtype, seed=0)
     floor_forward, floor_step = floor_calls(x, w)
     floor = floor_forward if strategy == "forward" else floor_step
     floor()
@@ -225,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="memory budgets of the auto strategy, comma-separated; 'default' (the default) is flce's",
     )
+    p.add_argument(
+        "--data",
+        default="lm",
+        choices=data.KINDS,
+        help="the inputs' kind (flce.bench.data): lm-like, flat or peaked (CCE's) logits",
+    )
     p.add_argument("--out", default="build-bench")
     args = p.parse_args(argv)
     if args.warmup < 0 or args.iters < 1 or args.reps < 1:
@@ -258,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch "
         f"{torch.__version__}; flce {anchors.version_of('flce')}"
         + (f" (git {rev})" if rev else "")
-        + f"; {str(dtype).removeprefix('torch.')}, lm data, 10% ignored labels; times: median of "
+        + f"; {str(dtype).removeprefix('torch.')}, {args.data} data, 10% ignored labels; times: median of "
         f"{args.iters} calls after {args.warmup} warm-up calls, kernels: mean of {args.reps} "
         "profiled calls.",
         "",
@@ -284,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.top,
                     budget,
                     warmup=args.warmup,
+                    kind=args.data,
                 )
                 print("\n".join(block), flush=True)
                 lines += block

@@ -362,6 +362,19 @@ def test_kernel_table_at_given_budgets(tmp_path):
         kernels.main(["--device", "cpu", "--budgets-mib", "lots", "--out", str(tmp_path)])
 
 
+def test_kernel_table_on_other_data(tmp_path, capsys):
+    # --data picks the inputs' kind; the header names it, and an unknown kind is refused.
+    args = ["--device", "cpu", "--shape", TINY, "--iters", "1", "--reps", "1"]
+    args += ["--strategies", "forward", "--data", "cce", "--out", str(tmp_path)]
+    assert kernels.main(args) == 0
+    md = (tmp_path / "cpu-kernels.md").read_text()
+    assert "float32, cce data, 10% ignored labels" in md
+    assert md.count("\n## tiny") == 1
+    with pytest.raises(SystemExit):
+        kernels.main(["--device", "cpu", "--data", "peaked", "--out", str(tmp_path)])
+    assert "--data" in capsys.readouterr().err
+
+
 def test_kernel_table_rejects_unknown_strategy(tmp_path):
     with pytest.raises(SystemExit):
         kernels.main(["--device", "cpu", "--strategies", "fast", "--out", str(tmp_path)])
