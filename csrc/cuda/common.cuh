@@ -191,7 +191,11 @@ __device__ __forceinline__ void load_group(const T* p, int n, float (&out)[N]) {
   if (kVectorized && n == N) {
     load_vec<T, N>(p, out);
   } else {
-    for (int i = 0; i < n; ++i) out[i] = to_float(p[i]);
+    // Constant indices (unrolled, guarded): out stays in registers, not local memory.
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (i < n) out[i] = to_float(p[i]);
+    }
   }
 }
 
@@ -200,7 +204,10 @@ __device__ __forceinline__ void store_group(T* p, int n, const float (&in)[N]) {
   if (kVectorized && n == N) {
     store_vec<T, N>(p, in);
   } else {
-    for (int i = 0; i < n; ++i) p[i] = from_float<T>(in[i]);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (i < n) p[i] = from_float<T>(in[i]);
+    }
   }
 }
 

@@ -60,12 +60,16 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock* kWarpSize)
 // the launch's tail (0.58 ms of qwen-0.5b's 24.8 at 2048-row chunks, bench/NOTES.md version 11).
 
 constexpr int kRewriteThreads = 256;
-constexpr int kRewriteBlocksPerSm = 2048 / kRewriteThreads;  // Hopper's 2048 threads per SM
 constexpr int kTermCols = 8;  // columns per access of the terms (16 bytes)
 static_assert(kPartialStatsCols % kTermCols == 0, "a group of columns lies in one tile");
-// Columns of a rewritten row per block and work item: several accesses per thread, so that the
-// row's coefficients are computed once per 32 columns.
-constexpr int64_t kRewriteCols = int64_t(kRewriteThreads) * kTermCols * 4;
+// Accesses per thread and work item, all loads issued before the first store: the kernel only
+// streams (peaked logits rewrite nearly every term, 1 GB per chunk at Gemma-2), and a thread with
+// one 16-byte load in flight left it at a quarter of the HBM bandwidth (1.6 ms per chunk).
+constexpr int kRewriteAccesses = 4;
+// Resident blocks per SM, which __launch_bounds__ guarantees (at most 64 registers per thread):
+// 64 KB of loads in flight per SM. The grid is one wave of them.
+constexpr int kRewriteBlocksPerSm = 4;
+constexpr int64_t kRewriteCols = int64_t(kRewriteThreads) * kTermCols * kRewriteAccesses;
 
 // A row's coefficients for an upstream gradient of 1 (the caller applies g): no smoothing, class
 // weights or LSE gradient here, so dZ = slope p - step [c == label]. label is -1 where no term
@@ -128,7 +132,8 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock* kWarpSize)
 // work items of kRewriteCols columns of one listed row (a grid-stride loop: the list's length is
 // only known on the device).
 template <typename XT, int kVec>
-__global__ void __launch_bounds__(kRewriteThreads) rewrite_terms_kernel(ShiftedRowsArgs a) {
+__global__ void __launch_bounds__(kRewriteThreads, kRewriteBlocksPerSm)
+    rewrite_terms_kernel(ShiftedRowsArgs a) {
   const RowGradArgs& g = a.grad;
   const int64_t items_per_row = (g.cols + kRewriteCols - 1) / kRewriteCols;
   const int64_t items = static_cast<int64_t>(*a.rewrite_count) * items_per_row;
@@ -145,19 +150,28 @@ __global__ void __launch_bounds__(kRewriteThreads) rewrite_terms_kernel(ShiftedR
     const float inv_factor = 1.0f / a.row_factor[r];  // a power of two: exact
     const RowState* partials = g.partials + r * g.partials_ld;
     XT* e = static_cast<XT*>(g.dz) + r * g.ldz;
-    for (int64_t c0 = begin + static_cast<int64_t>(threadIdx.x) * kTermCols; c0 < end;
-         c0 += static_cast<int64_t>(kRewriteThreads) * kTermCols) {
-      const float tile_max = partials[c0 / kPartialStatsCols].max;
-      const float tile_shift = tile_takes_row_shift(tile_max, shift) ? shift : tile_max;
+    float v[kRewriteAccesses][kTermCols];
+    float tile_max[kRewriteAccesses];
+    int n[kRewriteAccesses];
+#pragma unroll
+    for (int j = 0; j < kRewriteAccesses; ++j) {
+      const int64_t c0 = begin + (int64_t(j) * kRewriteThreads + threadIdx.x) * kTermCols;
+      n[j] = c0 >= end ? 0 : end - c0 < kTermCols ? static_cast<int>(end - c0) : kTermCols;
+      if (n[j] == 0) continue;
+      tile_max[j] = partials[c0 / kPartialStatsCols].max;
+      load_group<XT, kTermCols, kVec == kTermCols>(e + c0, n[j], v[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kRewriteAccesses; ++j) {
+      if (n[j] == 0) continue;
+      const int64_t c0 = begin + (int64_t(j) * kRewriteThreads + threadIdx.x) * kTermCols;
+      const float tile_shift = tile_takes_row_shift(tile_max[j], shift) ? shift : tile_max[j];
       const float to_p = softmax_exp(tile_shift - k.lse);
-      const int n = end - c0 < kTermCols ? static_cast<int>(end - c0) : kTermCols;
-      float v[kTermCols];
-      load_group<XT, kTermCols, kVec == kTermCols>(e + c0, n, v);
 #pragma unroll
       for (int i = 0; i < kTermCols; ++i) {
-        v[i] = (c0 + i == k.label ? label_grad : k.grad(v[i] * to_p)) * inv_factor;
+        v[j][i] = (c0 + i == k.label ? label_grad : k.grad(v[j][i] * to_p)) * inv_factor;
       }
-      store_group<XT, kTermCols, kVec == kTermCols>(e + c0, n, v);
+      store_group<XT, kTermCols, kVec == kTermCols>(e + c0, n[j], v[j]);
     }
   }
 }
@@ -214,11 +228,8 @@ Status launch_shifted_rows(const ShiftedRowsArgs& a, cudaStream_t stream) {
     shifted_rows_kernel<XT>
         <<<static_cast<unsigned>(row_blocks), kWarpRowsPerBlock * kWarpSize, 0, stream>>>(a);
     FLCE_CUDA_CHECK_LAUNCH("shifted_rows_kernel");
-    // A full GPU of blocks (kRewriteBlocksPerSm each): with many rewritten rows (peaked logits)
-    // the kernel streams their terms and needs every resident thread; with none, each block
-    // returns at once. With two blocks per SM, Gemma-2 on CCE's peaked data ran 2.5 ms slower
-    // than with one block per row (version 11), the only change there that depends on the data
-    // (bench/NOTES.md, version 12; this width is not measured yet).
+    // One wave of resident blocks: with many rewritten rows (peaked logits) the kernel streams
+    // their terms and needs every SM's loads in flight; with none, each block returns at once.
     const int64_t items_per_row = (g.cols + kRewriteCols - 1) / kRewriteCols;
     const int64_t blocks = std::min<int64_t>(
         g.rows * items_per_row, static_cast<int64_t>(current_device_sms()) * kRewriteBlocksPerSm);
