@@ -63,8 +63,9 @@ constexpr int kRewriteThreads = 256;
 constexpr int kTermCols = 8;  // columns per access of the terms (16 bytes)
 static_assert(kPartialStatsCols % kTermCols == 0, "a group of columns lies in one tile");
 // Accesses per thread and work item, all loads issued before the first store: the kernel only
-// streams (peaked logits rewrite nearly every term, 1 GB per chunk at Gemma-2), and a thread with
-// one 16-byte load in flight left it at a quarter of the HBM bandwidth (1.6 ms per chunk).
+// streams (peaked logits rewrite nearly every term, 1 GB per chunk at Gemma-2). One 16-byte load
+// in flight per thread, its terms in local memory, left it at a quarter of the HBM bandwidth (1.6
+// ms per chunk; 0.64 ms now, bench/NOTES.md version 13).
 constexpr int kRewriteAccesses = 4;
 // Resident blocks per SM, which __launch_bounds__ guarantees (at most 64 registers per thread):
 // 64 KB of loads in flight per SM. The grid is one wave of them.
