@@ -70,8 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup",
         type=int,
         default=10,
-        help="untimed fwd+bwd runs before the measurements (compilation, autotuning; flce's dW "
-        "GEMMs settle their algorithm in up to 8)",
+        help="untimed fwd+bwd runs before the measurements (compilation, autotuning; most of "
+        "flce's dW GEMMs settle their algorithm in up to 8, one called once per step in 24)",
     )
     p.add_argument("--iters", type=int, default=7, help="timed runs per measurement (median)")
     p.add_argument(

@@ -155,7 +155,8 @@ def section(
     with PeakMemory(device) as peak:
         run()
     # flce measures the algorithm of its dW GEMMs on their first calls (README, Performance):
-    # the timed and profiled calls come after those.
+    # the timed and profiled calls come after most of those (a GEMM run once per call measures
+    # for 24 calls, bench/NOTES.md version 13).
     for _ in range(warmup):
         run()
     with ClockSampler(device) as clock:
@@ -218,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup",
         type=int,
         default=10,
-        help="calls before the timed ones (flce's GEMM algorithm choice settles in them)",
+        help="calls before the timed ones (most of flce's measured GEMMs settle their algorithm in "
+        "them; one called once per call takes 24)",
     )
     p.add_argument("--iters", type=int, default=7, help="timed calls (median)")
     p.add_argument("--reps", type=int, default=3, help="profiled calls (averaged)")
