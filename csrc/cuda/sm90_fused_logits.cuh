@@ -15,12 +15,17 @@
 #error "sm90_fused_logits.cuh needs NDEBUG (see sm90_fused_logits_stats.cu)"
 #endif
 
+#include <cuda.h>  // CUtensorMap (the driver is reached through the runtime's entry points)
+#include <cutlass/arch/barrier.h>
 #include <cutlass/cutlass.h>
 #include <cutlass/device_kernel.h>
 
 #include <cstdlib>
+#include <cute/arch/copy_sm90.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/tensor.hpp>
 #include <cutlass/cluster_launch.hpp>
+#include <cutlass/cuda_host_adapter.hpp>
 #include <cutlass/epilogue/collective/detail.hpp>
 #include <cutlass/gemm/collective/collective_builder.hpp>
 #include <cutlass/gemm/dispatch_policy.hpp>
@@ -47,6 +52,8 @@ namespace flce::detail::cuda::sm90 {
 //   - ping-pong: each consumer warpgroup a tile of 64 x 256, the two taking turns, so that one
 //     warpgroup's epilogue runs while the other's mainloop keeps the tensor cores busy. It pays
 //     where the epilogue weighs most against the mainloop, at small D (kFusedPingpongMaxHidden).
+// The ping-pong kernels stage their 16-bit output tiles in shared memory for the TMA unit
+// (StagedTileStore); the cooperative ones store from registers.
 // Measured on an H200 (bf16, interleaved runs; bench/NOTES.md, version 8): at D = 896 (qwen-0.5b)
 // ping-pong took the lean plan's dZ kernels from 9.3 to 8.1 ms in total, the lean fwd+bwd from
 // 33.6 to 32.6 ms, grad-in-forward from 27.2 to 26.1 ms and the forward alone from 8.1 to 7.1 ms.
@@ -173,6 +180,108 @@ __device__ __forceinline__ void store_row_16bit(T* out, const float (&v)[kCols],
   }
 }
 
+// Where a fused epilogue's 16-bit tile goes: Math::apply hands each thread's values of one
+// accumulator row to row().
+//   - DirectTileStore (cooperative kernels): from registers to global memory (store_row_16bit),
+//     masked at the edges.
+//   - StagedTileStore (ping-pong kernels): into a shared-memory copy of the warpgroup's 64 x 256
+//     tile, which one thread hands to the TMA unit once every row is in (finish()), so that the
+//     global writes run while the warpgroups compute. Measured on an H200 at qwen-0.5b (D = 896,
+//     bench/NOTES.md, version 14): the statistics GEMM that stores the terms took 8.6 ms per call
+//     with direct stores and 6.7 ms with no stores at all; staged, the fused GEMMs of a
+//     grad-in-forward call took 7.8 ms against 9.1 ms direct (same run, same bits), the call 22.8
+//     against 23.9 ms. The buffer costs the mainloop one of its five stages. The cooperative
+//     kernels keep direct stores: their two warpgroups' epilogues run at once and would need
+//     64 KB, two of their four stages (version 7 measured a staged cooperative epilogue slower).
+template <class T>
+struct DirectTileStore {
+  T* out;  // the launch's element (0, 0)
+  int64_t ld;
+  int rows, cols;
+
+  template <int kCols, class Crd>
+  __device__ void row(const float (&v)[kCols], const Crd& crd, int r, int m) const {
+    const bool row_ok = m < rows;
+    store_row_16bit(out + static_cast<int64_t>(row_ok ? m : 0) * ld, v, crd, r, cols, row_ok);
+  }
+};
+
+// The staged tile: a warpgroup's 64 rows x 256 columns of 16-bit values, as four boxes of 64 x 64
+// (128-byte rows, the widest box the 128-byte swizzle takes), each 1024-byte aligned.
+constexpr int kStagedRows = 64;
+constexpr int kStagedBoxCols = 64;
+constexpr int kStagedBoxBytes = kStagedRows * kStagedBoxCols * 2;
+constexpr int kStagedTileBytes = kStagedBoxBytes * (kFusedTileCols / kStagedBoxCols);
+
+// The TMA descriptor of a [rows, cols] 16-bit output with row pitch ld (16-byte aligned base, ld a
+// multiple of 8): boxes of kStagedRows x kStagedBoxCols under the 128-byte swizzle. Only the bytes
+// move, so every 16-bit type is copied as uint16. The TMA unit clips each box to rows x cols.
+inline bool encode_staged_store(CUtensorMap* map, void* base, int64_t rows, int64_t cols,
+                                int64_t ld) {
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t pitch[1] = {static_cast<cuuint64_t>(ld) * 2};
+  const cuuint32_t box[2] = {kStagedBoxCols, kStagedRows};
+  const cuuint32_t element_strides[2] = {1, 1};
+  return CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
+             map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, base, dims, pitch, box, element_strides,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <class T>
+struct StagedTileStore {
+  uint8_t* smem;  // kStagedTileBytes, 1024-byte aligned
+  const CUtensorMap* map;
+
+  // A warpgroup MMA accumulator row r of this thread is row 16 w + 8 r + lane / 4 of the tile (w:
+  // the warp in the warpgroup), its columns 8 j + 2 (lane % 4) + {0, 1} for j < 32: the fragments
+  // of 8 x 8 matrices that stmatrix stores, four per instruction, with lane l giving the address of
+  // row l % 8 of matrix l / 8. Under the 128-byte swizzle, the 16-byte chunk j % 8 of a box row
+  // sits at chunk (j % 8) ^ (row % 8): the eight rows of a matrix hit eight different banks.
+  template <int kCols, class Crd>
+  __device__ void row(const float (&v)[kCols], const Crd&, int r, int) const {
+    static_assert(kCols == 2 * kFusedTileCols / 8,
+                  "a 64 x 256 warpgroup tile: 64 columns a thread");
+    const int lane = threadIdx.x % 32;
+    const int box_row = 16 * ((threadIdx.x / 32) % 4) + 8 * r + lane % 8;
+    CUTLASS_PRAGMA_UNROLL
+    for (int j0 = 0; j0 < kCols / 2; j0 += 4) {
+      uint32_t w[4];
+      CUTLASS_PRAGMA_UNROLL
+      for (int s = 0; s < 4; ++s) w[s] = Word<T>::pack(&v[2 * (j0 + s)]);
+      const int j = j0 + lane / 8;  // the 8-column block of this lane's address
+      uint8_t* p = smem + (j / 8) * kStagedBoxBytes + box_row * 128 + (((j % 8) ^ (lane % 8)) << 4);
+      cute::SM90_U32x4_STSM_N::copy(w[0], w[1], w[2], w[3], *reinterpret_cast<cute::uint128_t*>(p));
+    }
+  }
+
+  // After every thread's rows: the shared-memory writes are made visible to the TMA unit, one
+  // thread issues the four box copies, and it waits until they have read the shared memory before
+  // the warpgroup lets the other one's epilogue (which reuses the buffer) start. The global writes
+  // finish on their own.
+  __device__ void finish(int m_tile, int n_tile, int thread_idx) const {
+    cutlass::arch::fence_view_async_shared();
+    // One barrier per consumer warpgroup (their epilogues take turns, but need not share one).
+    cutlass::arch::NamedBarrier::sync(128, threadIdx.x / 128);
+    if (thread_idx == 0) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int b = 0; b < kFusedTileCols / kStagedBoxCols; ++b) {
+        cute::SM90_TMA_STORE_2D::copy(
+            map, smem + b * kStagedBoxBytes,
+            n_tile * static_cast<int>(kFusedTileCols) + b * kStagedBoxCols, m_tile * kStagedRows);
+      }
+      cute::tma_store_arrive();
+      cute::tma_store_wait<0>();
+    }
+  }
+};
+
+// Math without a tile to store (the forward's statistics).
+struct NoTileStore {
+  template <int kCols, class Crd>
+  __device__ void row(const float (&)[kCols], const Crd&, int, int) const {}
+};
+
 // Forward: the RowState of every row over the tile's columns, and the label's logit of the rows
 // whose label falls in the tile. The label's logit must come from these accumulators: the loss is
 // lse - z_label, and the GEMM's rounding of the dominant logit cancels between the two terms only
@@ -188,11 +297,15 @@ __device__ __forceinline__ void store_row_16bit(T* out, const float (&v)[kCols],
 template <bool kStoreExp, class TermT = __half>
 struct StatsMath {
   using Args = RowForwardArgs;
+  using Out = TermT;
   static constexpr bool kPartialPerTile = true;
+  static constexpr bool kStoresTile = kStoreExp;
+  CUTLASS_HOST_DEVICE static void* output(const Args& a) { return a.tile_exp; }
+  CUTLASS_HOST_DEVICE static int64_t output_ld(const Args& a) { return a.tile_exp_ld; }
 
-  template <class Acc, class Crd>
+  template <class Acc, class Crd, class Store>
   __device__ static void apply(const Args& a, const Acc& acc, const Crd& crd, int rows, int cols,
-                               int n_tile) {
+                               int n_tile, const Store& store) {
     using namespace cute;
     const LossOptions& o = a.options;
     const bool full = full_tile(n_tile, cols);
@@ -259,11 +372,7 @@ struct StatsMath {
       }
       quad_merge(st);
       if (m < rows && (threadIdx.x % 4) == 0) a.partials[m * a.partials_ld + n_tile] = st;
-      if constexpr (kStoreExp) {
-        TermT* out = static_cast<TermT*>(a.tile_exp) +
-                     static_cast<int64_t>(m < rows ? m : 0) * a.tile_exp_ld;
-        store_row_16bit(out, e, crd, r, cols, m < rows);
-      }
+      if constexpr (kStoreExp) store.row(e, crd, r, m);
     }
   }
 };
@@ -276,12 +385,16 @@ struct StatsMath {
 template <class T>
 struct GradMath {
   using Args = RowGradArgs;
+  using Out = T;
   static constexpr bool kPartialPerTile = false;
+  static constexpr bool kStoresTile = true;
   static_assert(sizeof(T) == 2, "16-bit dZ: two columns per 32-bit word");
+  CUTLASS_HOST_DEVICE static void* output(const Args& a) { return a.dz; }
+  CUTLASS_HOST_DEVICE static int64_t output_ld(const Args& a) { return a.ldz; }
 
-  template <class Acc, class Crd>
-  __device__ static void apply(const Args& a, const Acc& acc, const Crd& crd, int rows, int cols,
-                               int) {
+  template <class Acc, class Crd, class Store>
+  __device__ static void apply(const Args& a, const Acc& acc, const Crd& crd, int rows, int, int,
+                               const Store& store) {
     using namespace cute;
     const float scale = a.options.logit_scale;
     constexpr int kCols = decltype(size<1>(acc))::value;
@@ -311,15 +424,16 @@ struct GradMath {
           if (get<1>(crd(r, c)) == label) g[c] -= grad.target_step;
         }
       }
-      T* out = static_cast<T*>(a.dz) + static_cast<int64_t>(row_ok ? m : 0) * a.ldz;
-      store_row_16bit(out, g, crd, r, cols, row_ok);
+      store.row(g, crd, r, m);
     }
   }
 };
 
 // The collective epilogue: an operator-style epilogue (as CUTLASS's DefaultEpilogue) that hands
-// the accumulators, viewed as rows and columns with their coordinates, to Math.
-template <class Element, class Math>
+// the accumulators, viewed as rows and columns with their coordinates, to Math. kStaged: Math's
+// 16-bit tile goes out through shared memory and the TMA unit (StagedTileStore; ping-pong only,
+// where one warpgroup's tile is 64 x 256 and the two warpgroups' epilogues take turns).
+template <class Element, class Math, bool kStaged>
 class RowMathEpilogue {
  public:
   using ElementC = Element;  // no C operand is read
@@ -328,14 +442,27 @@ class RowMathEpilogue {
   using StrideD = StrideC;
   using GmemTiledCopyC = void;
   using GmemTiledCopyD = void;
-  struct SharedStorage {};
+  struct StagedStorage {
+    alignas(1024) uint8_t tile[kStagedTileBytes];
+  };
+  using SharedStorage = std::conditional_t<kStaged, StagedStorage, cute::tuple<>>;
   using Arguments = typename Math::Args;
-  using Params = Arguments;
+  struct Params {
+    Arguments args;
+    CUtensorMap staged_map;  // kStaged: the output's TMA descriptor
+    bool staged_map_ok;      // whether it could be encoded (launch_fused_logits checks)
+  };
 
   template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
-                                                  void*) {
-    return args;
+  static Params to_underlying_arguments(ProblemShape const& shape, Arguments const& args, void*) {
+    Params p{};
+    p.args = args;
+    p.staged_map_ok = true;
+    if constexpr (kStaged) {
+      p.staged_map_ok = encode_staged_store(&p.staged_map, Math::output(args), cute::get<0>(shape),
+                                            cute::get<1>(shape), Math::output_ld(args));
+    }
+    return p;
   }
   template <class ProblemShape>
   static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
@@ -362,7 +489,7 @@ class RowMathEpilogue {
   CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
                                  BlockCoordMNKL blk_coord_mnkl,
                                  cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
-                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char* smem) {
     using namespace cute;
     const int rows = get<0>(problem_shape_mnkl);
     const int cols = get<1>(problem_shape_mnkl);
@@ -374,11 +501,26 @@ class RowMathEpilogue {
     Tensor thread_coords = tiled_mma.get_thread_slice(thread_idx).partition_C(tile_coords);
     Tensor acc = make_tensor(accumulators.data(), accumulator_rows_cols(accumulators.layout()));
     Tensor crd = make_tensor(thread_coords.data(), accumulator_rows_cols(thread_coords.layout()));
-    Math::apply(params_, acc, crd, rows, cols, n_tile);
+    using Out = typename Math::Out;
+    if constexpr (!Math::kStoresTile) {
+      Math::apply(params_.args, acc, crd, rows, cols, n_tile, NoTileStore{});
+    } else if constexpr (kStaged) {
+      static_assert(decltype(size<0>(blk_shape_mnk))::value == kStagedRows,
+                    "staged stores serve 64-row warpgroup tiles");
+      const StagedTileStore<Out> store{reinterpret_cast<uint8_t*>(smem), &params_.staged_map};
+      Math::apply(params_.args, acc, crd, rows, cols, n_tile, store);
+      store.finish(m_tile, n_tile, thread_idx);
+    } else {
+      const DirectTileStore<Out> store{static_cast<Out*>(Math::output(params_.args)),
+                                       Math::output_ld(params_.args), rows, cols};
+      Math::apply(params_.args, acc, crd, rows, cols, n_tile, store);
+    }
   }
 
  private:
-  Params params_;
+  // The kernel's own parameters (grid constants), never a copy: the TMA unit reads staged_map
+  // where it is, which must not be local memory.
+  Params const& params_;
 };
 
 template <class T>
@@ -394,8 +536,11 @@ struct CutlassElement<__half> {
 
 template <class Element, class Math, class Config>
 struct FusedLogitsKernel {
+  static constexpr bool kStaged =
+      Math::kStoresTile &&
+      std::is_same_v<typename Config::Schedule, cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
   using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
-      RowMathEpilogue<Element, Math>>;
+      RowMathEpilogue<Element, Math, kStaged>>;
   // x is [rows, D] row-major (A, K-major); W is [cols, D] row-major, i.e. B = W^T column-major.
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, 8,
@@ -440,6 +585,10 @@ Status launch_fused_logits(const LogitsOperands& op, const typename Math::Args& 
     return Status::Error(StatusCode::kBackendError, "fused logits GEMM: unexpected workspace");
   }
   const typename Kernel::Params params = Kernel::to_underlying_arguments(ka, nullptr);
+  if (!params.epilogue.staged_map_ok) {
+    return Status::Error(StatusCode::kBackendError,
+                         "fused logits GEMM: the output's TMA descriptor could not be encoded");
+  }
   constexpr int kSmem = Kernel::SharedStorageSize;
   // Per device (a host call, no synchronization).
   FLCE_CUDA_CHECK(cudaFuncSetAttribute(cutlass::device_kernel<Kernel>,
