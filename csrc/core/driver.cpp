@@ -436,18 +436,15 @@ Operand from_row(Operand a, int64_t m) {
 // measure_algorithm: GemmArgs::measure_algorithm of both.
 Status accumulate_gemm(Backend& be, const SplitAccumulator& acc, int64_t n, int64_t k, Operand a,
                        Operand b, bool accumulate, bool measure_algorithm) {
-  if (acc.borrowed_rows > 0) {
-    GemmArgs g =
-        make_gemm(acc.borrowed_rows, n, k, a, b, acc.borrowed, n, DType::kFloat32, accumulate);
+  const auto part = [&](int64_t rows, Operand a_rows, float* c) {
+    GemmArgs g = make_gemm(rows, n, k, a_rows, b, c, n, DType::kFloat32, accumulate);
     g.measure_algorithm = measure_algorithm;
-    FLCE_RETURN_IF_ERROR(be.gemm(g));
-  }
+    return be.gemm(g);
+  };
+  if (acc.borrowed_rows > 0) FLCE_RETURN_IF_ERROR(part(acc.borrowed_rows, a, acc.borrowed));
   const int64_t own_rows = acc.rows - acc.borrowed_rows;
   if (own_rows == 0) return Status::Ok();
-  GemmArgs g = make_gemm(own_rows, n, k, from_row(a, acc.borrowed_rows), b, acc.own, n,
-                         DType::kFloat32, accumulate);
-  g.measure_algorithm = measure_algorithm;
-  return be.gemm(g);
+  return part(own_rows, from_row(a, acc.borrowed_rows), acc.own);
 }
 
 // dst = src * (row_factor[r] * factor) in dst_type over `rows` contiguous rows of `cols` elements
