@@ -31,6 +31,11 @@ struct GemmArgs {
   DType c_type = DType::kFloat32;
   float alpha = 1.0f;
   float beta = 0.0f;
+  // Both or neither: alpha and beta read from these floats in the backend's memory when the GEMM
+  // runs, in place of the two above, so that a factor the device computed (the mean's
+  // 1 / denominator) needs no host synchronization. Not with k = 0.
+  const float* device_alpha = nullptr;
+  const float* device_beta = nullptr;
   // A hint that this shape repeats often enough to be worth timing the backend's candidate
   // algorithms on its first calls (grad-in-forward's dW accumulation, once per token chunk).
   bool measure_algorithm = false;

@@ -346,15 +346,21 @@ bool fused_stats_fit(const Plan& plan, const Backend& be, const LogitsOperands& 
 }
 
 // A grad-in-forward compact block of `rows` whole rows (block = the forward's logits region):
-// the fp16 terms at pitch compact_ld(V), then the partial RowStates, then the labels' logits.
-// forward_block_bytes (workspace.cpp) sizes it.
-void carve_gif_block(void* block, int64_t rows, RowForwardArgs* rf) {
+// the terms at pitch compact_ld(V) (unless `terms` places them elsewhere: the rows of the dZ
+// group), then the partial RowStates, then the labels' logits. forward_block_bytes
+// (workspace.cpp) sizes it.
+void carve_gif_block(void* block, int64_t rows, RowForwardArgs* rf, void* terms = nullptr) {
   const int64_t ld = compact_ld(rf->vocab_size);
+  char* stats = static_cast<char*>(block);
+  if (terms == nullptr) {
+    terms = block;
+    stats += rows * ld * kExpBytes;
+  }
   rf->cols = rf->vocab_size;
-  rf->tile_exp = block;
+  rf->tile_exp = terms;
   rf->tile_exp_ld = ld;
   rf->partials_ld = partials_per_row(rf->vocab_size);
-  rf->partials = reinterpret_cast<RowState*>(static_cast<char*>(block) + rows * ld * kExpBytes);
+  rf->partials = reinterpret_cast<RowState*>(stats);
   rf->target_z = reinterpret_cast<float*>(rf->partials + rows * rf->partials_ld);
 }
 
@@ -514,18 +520,19 @@ bool shifted_terms_serve(const ForwardParams& p) {
 }
 
 // One token chunk of grad-in-forward with row-shifted terms (rf: the chunk's row arguments with
-// its compact block carved; sl_base: the chunk buffers of ShiftedLayout sl; g: the upstream
-// factor, null for 1; dw: the fp32 dW accumulator). The GEMMs read the terms as they are, in the
-// input dtype: dx rows = g * factor * (e' W), dW += e'^T (factor * x), the dW factor g applied
-// when the accumulator is converted.
+// its compact block carved; sl_base: the buffers of ShiftedLayout sl; group_row: the chunk's first
+// row within its dW group; g: the upstream factor, null for 1; dw: the fp32 dW accumulator, or
+// none when one group covers every token). The GEMMs read the terms as they are, in the input
+// dtype: dx rows = g * factor * (e' W), dW (+)= e'^T (factor * x), the dW factor g applied when
+// the accumulator is converted (or by the group's dW GEMM, group_dw_gemm).
 Status shifted_chunk(Backend& be, const ForwardParams& p, const LogitsOperands& op,
-                     RowForwardArgs rf, char* sl_base, const ShiftedLayout& sl, const float* g,
-                     const SplitAccumulator& dw) {
+                     RowForwardArgs rf, char* sl_base, const ShiftedLayout& sl, int64_t group_row,
+                     const float* g, const SplitAccumulator& dw) {
   const int64_t rows = rf.rows, v = p.vocab_size, d = p.hidden_size;
   float* shift = reinterpret_cast<float*>(sl_base + sl.shift);
   float* row_max = reinterpret_cast<float*>(sl_base + sl.row_max);
   float* row_factor = reinterpret_cast<float*>(sl_base + sl.row_factor);
-  void* x_scaled = sl_base + sl.x_scaled;
+  void* x_scaled = offset_ptr(sl_base + sl.x_scaled, group_row * d, p.dtype);
 
   LabelShiftArgs ls;
   ls.x = op.x;
@@ -572,9 +579,24 @@ Status shifted_chunk(Backend& be, const ForwardParams& p, const LogitsOperands& 
                                    offset_ptr(p.grad_x, rf.row_offset * d, p.dtype), p.dtype, rows,
                                    d, row_factor, g));
   }
+  if (dw.rows == 0) return Status::Ok();  // no dW, or one GEMM over every token's terms at the end
   return accumulate_gemm(be, dw, d, rows, {terms.ptr, terms.ld, p.dtype, true},
                          {x_scaled, d, p.dtype, false}, rf.row_offset > 0,
                          /*measure_algorithm=*/true);
+}
+
+// dW of one group of row-shifted terms that covers every token: terms^T (factor * x), times the
+// upstream factor g (null for 1), which stays on the device: the GEMM reads it when it runs.
+Status group_dw_gemm(Backend& be, const ForwardParams& p, const void* terms, int64_t ld_terms,
+                     const void* x_scaled, const float* g, const float* scalars) {
+  const int64_t v = p.vocab_size, d = p.hidden_size;
+  GemmArgs gemm = make_gemm(v, d, p.num_tokens, {terms, ld_terms, p.dtype, true},
+                            {x_scaled, d, p.dtype, false}, p.grad_weight, d, p.dtype, false);
+  if (g != nullptr) {
+    gemm.device_alpha = g;
+    gemm.device_beta = scalars + kScalarZero;
+  }
+  return be.gemm(gemm);
 }
 
 }  // namespace
@@ -652,15 +674,18 @@ Status run_forward(Device device, const ForwardParams& p) {
       chunk = std::clamp<int64_t>(floats / block_cols, 1, chunk);
     }
   }
-  // Grad-in-forward compact blocks: the fused GEMM stores the fp16 terms exp(z - tile max) and
-  // the partials, then the row kernels finish the LSE and turn the terms into dZ. If the fused
-  // GEMM refuses the first block, fp32 blocks of as many whole rows as fit the same bytes run (the
-  // layout holds at least one).
+  const bool in_place = dz_in_place(plan);
+  // Where the terms (or dZ) of the dZ group's rows live, at pitch compact_ld(V).
+  void* dz_group = l.dz_group == kAbsent ? nullptr : at(ws, l.dz_group);
+  // Grad-in-forward compact blocks: the fused GEMM stores the fp16 terms exp(z - tile max) (in the
+  // block, or in the dZ group's rows) and the partials, then the row kernels finish the LSE and
+  // turn the terms into dZ in place. If the fused GEMM refuses the first block, fp32 blocks of as
+  // many whole rows as fit the same bytes run (the layout holds at least one).
   bool gif_compact = compact_gif(prob, plan);
   if (gif_compact) {
     const int64_t rows = std::min(chunk, n);
     RowForwardArgs rf = row_forward_args(p, rows, 0, scalars, row_loss, lse, row_metrics);
-    carve_gif_block(logits, rows, &rf);
+    carve_gif_block(logits, rows, &rf, dz_group);
     gif_compact = plan.fused_logits != FusedLogits::kOff &&
                   be->fused_stats(logits_operands(p, p.x, rows, 0, v), rf);
     if (!gif_compact) {
@@ -668,11 +693,11 @@ Status run_forward(Device device, const ForwardParams& p) {
     }
   }
   RowCarry* carry = block_cols < v ? reinterpret_cast<RowCarry*>(at(ws, l.row_carry)) : nullptr;
-  const bool in_place = dz_in_place(plan);
   // Row-shifted terms where the plan and the call's options allow them.
   const bool shifted = gif_compact && shifted_terms(prob, plan) && shifted_terms_serve(p);
   const ShiftedLayout shifted_l =
-      shifted ? shifted_layout(plan.forward_token_chunk, d, p.dtype, p.grad_x != nullptr)
+      shifted ? shifted_layout(plan.forward_token_chunk, shifted_group_rows(plan), d, p.dtype,
+                               p.grad_x != nullptr)
               : ShiftedLayout{};
   // The upstream factor of every row (mean: 1 / denominator), applied to dx and dW at the end.
   const float* shifted_g =
@@ -726,20 +751,20 @@ Status run_forward(Device device, const ForwardParams& p) {
       dz = logits;
       ldz = gif_compact ? compact_ld(v) : in_place_ld(v, dz_type);
     } else {
-      ldz = v;
-      dz = offset_ptr(at(ws, l.dz_group), (t0 - group_start) * ldz, dz_type);
+      ldz = compact_ld(v);
+      dz = offset_ptr(dz_group, (t0 - group_start) * ldz, dz_type);
     }
 
     RowForwardArgs rf = row_forward_args(p, rows, t0, scalars, row_loss, lse, row_metrics);
     const LogitsOperands op = logits_operands(p, x_chunk, rows, 0, v);
     if (shifted) {
-      carve_gif_block(logits, rows, &rf);
+      carve_gif_block(logits, rows, &rf, in_place ? nullptr : dz);
       FLCE_RETURN_IF_ERROR(shifted_chunk(*be, p, op, rf, static_cast<char*>(at(ws, l.shifted)),
-                                         shifted_l, shifted_g, dw_acc));
+                                         shifted_l, t0 - group_start, shifted_g, dw_acc));
       continue;
     }
     if (gif_compact) {
-      carve_gif_block(logits, rows, &rf);
+      carve_gif_block(logits, rows, &rf, in_place ? nullptr : dz);
       FLCE_RETURN_IF_ERROR(be->logits_stats(op, rf));
       FLCE_RETURN_IF_ERROR(be->rows_forward(rf));
       FLCE_RETURN_IF_ERROR(be->rows_grad(grad_from_exp_args(rf, dz, ldz, dz_type)));
@@ -773,8 +798,7 @@ Status run_forward(Device device, const ForwardParams& p) {
     const bool group_ends = in_place || t0 + rows == n;
     if (p.grad_weight && group_ends) {  // dW (+)= dZ_group^T x_group
       const int64_t group_rows = t0 + rows - group_start;
-      const void* dz_group = in_place ? dz : at(ws, l.dz_group);
-      const Operand dz_t{dz_group, ldz, dz_type, true};
+      const Operand dz_t{in_place ? dz : dz_group, ldz, dz_type, true};
       const Operand x_group{offset_ptr(p.x, group_start * p.x_row_stride, p.dtype), p.x_row_stride,
                             p.dtype, false};
       if (dw_acc.rows > 0) {
@@ -808,6 +832,12 @@ Status run_forward(Device device, const ForwardParams& p) {
       if (dw_acc.rows > 0) {  // with shifted terms it still lacks the upstream factor g
         FLCE_RETURN_IF_ERROR(finish_accumulator(*be, dw_acc, d, p.grad_weight, p.dtype,
                                                 shifted ? shifted_g : nullptr));
+      } else if (shifted && p.grad_weight) {
+        // One group covers every token: the terms of all of them (in the dZ group's rows, or in
+        // the block of the one chunk that holds them all) for one dW GEMM.
+        const void* x_scaled = static_cast<char*>(at(ws, l.shifted)) + shifted_l.x_scaled;
+        FLCE_RETURN_IF_ERROR(group_dw_gemm(*be, p, in_place ? logits : dz_group, compact_ld(v),
+                                           x_scaled, shifted_g, scalars));
       }
       if (p.grad_bias) {
         FLCE_RETURN_IF_ERROR(cast_rows(*be, db_accum, DType::kFloat32, p.grad_bias, p.dtype, 1, v));

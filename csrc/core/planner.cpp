@@ -39,10 +39,10 @@ size_t plan_bytes(const Problem& p, const Plan& plan, const BackendTraits& t) {
 }
 
 // Rows of a forward block of whole rows (`plan` says its kind: fp32 logits, or grad-in-forward
-// compact), a multiple of 64, such that the block, the GEMM scratch and the per-token vectors
-// (loss, LSE, metrics) take at most kTargetExtraBytes. (Evening the rows out over the chunks N
-// needs was measured and dropped: at llama3-4k, 5 x 832 rows ran grad-in-forward in 22.6 ms
-// against 21.5 ms for 4 x 960 + 256, on an H100.)
+// compact, with the per-chunk buffers of row-shifted terms), a multiple of 64, such that the block,
+// the GEMM scratch and the per-token vectors (loss, LSE, metrics) take at most kTargetExtraBytes.
+// (Evening the rows out over the chunks N needs was measured and dropped: at llama3-4k, 5 x 832
+// rows ran grad-in-forward in 22.6 ms against 21.5 ms for 4 x 960 + 256, on an H100.)
 int64_t target_block_rows(const Problem& p, const BackendTraits& t, Plan plan) {
   const size_t vectors = static_cast<size_t>(std::max<int64_t>(p.num_tokens, 1)) *
                          (2 + detail::kNumRowMetrics) * sizeof(float);
@@ -50,7 +50,10 @@ int64_t target_block_rows(const Problem& p, const BackendTraits& t, Plan plan) {
   const size_t room = kTargetExtraBytes > fixed ? kTargetExtraBytes - fixed : 0;
   plan.forward_token_chunk = 64;
   plan.forward_vocab_chunk = 0;
-  const size_t per_64_rows = detail::forward_block_bytes(p, plan);
+  size_t per_64_rows = detail::forward_block_bytes(p, plan);
+  if (detail::shifted_terms(p, plan)) {
+    per_64_rows += detail::shifted_layout(64, 0, p.hidden_size, p.dtype, p.needs_grad_x).total;
+  }
   const int64_t rows = static_cast<int64_t>(room / per_64_rows) * 64;
   return std::clamp<int64_t>(rows, 256, kMaxTokenChunk);
 }
@@ -95,17 +98,18 @@ std::vector<Plan> grad_in_forward_candidates(const Problem& p, const BackendTrai
   Plan plan;
   plan.strategy = Strategy::kGradInForward;
   plan.compact_forward_blocks = compact_forward_blocks(p, t);
+  // Compact blocks keep row-shifted terms: no pass rewrites them as dZ (measured: bench/NOTES.md,
+  // versions 10 and 15).
+  plan.shifted_terms = plan.compact_forward_blocks;
   // First choice: keep dZ of all tokens so dW is one GEMM written straight to the output (no
   // fp32 accumulator and no per-chunk read-modify-write of V x D).
+  plan.dw_group_tokens = n;
   for (int64_t c : descending(target_block_rows(p, t, plan), std::min<int64_t>(n, 256), n)) {
     plan.forward_token_chunk = c;
-    plan.dw_group_tokens = n;
     out.push_back(plan);
   }
   // Then: dZ in place per chunk, dW accumulated in fp32 (8 V D bytes of traffic per chunk, so
-  // the largest chunk that fits). Compact blocks then keep row-shifted terms: no pass rewrites
-  // them as dZ (measured: bench/NOTES.md, version 10).
-  plan.shifted_terms = plan.compact_forward_blocks;
+  // the largest chunk that fits).
   for (int64_t c : descending(kMaxTokenChunk * 2, std::min<int64_t>(n, 256), n)) {
     plan.forward_token_chunk = c;
     plan.dw_group_tokens = c;

@@ -26,6 +26,7 @@ enum Scalar : int32_t {
   kScalarWeightSum = 2,       // sum_c w_c (V without class weights)
   kScalarValidRows = 3,       // number of rows whose label is not ignore_index
   kScalarLabelError = 4,      // 1 when a label was out of range (CUDA; the CPU returns an error)
+  kScalarZero = 5,            // 0: the beta of GEMMs whose alpha is one of these (device_alpha)
   kNumScalars = 8,
 };
 

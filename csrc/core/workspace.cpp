@@ -32,21 +32,24 @@ size_t forward_block_bytes(const Problem& p, const Plan& plan) {
   const int64_t partials = (cols + kPartialStatsCols - 1) / kPartialStatsCols;
   const size_t stats_row = partials * sizeof(RowState) + sizeof(float);
   if (compact_gif(p, plan)) {
+    // The terms live in the block when dZ overwrites them in place, else in the dZ group's rows.
     // At least one fp32 row, so that the fallback (whole fp32 rows) always fits.
-    const size_t compact = static_cast<size_t>(rows) * (compact_ld(cols) * kExpBytes + stats_row);
+    const size_t terms_row = dz_in_place(plan) ? compact_ld(cols) * kExpBytes : 0;
+    const size_t compact = static_cast<size_t>(rows) * (terms_row + stats_row);
     return std::max(compact, f32(cols));
   }
   if (!compact_forward(p, plan)) return f32(rows * cols);
   return static_cast<size_t>(rows) * stats_row;
 }
 
-ShiftedLayout shifted_layout(int64_t rows, int64_t hidden, DType dtype, bool grad_x) {
+ShiftedLayout shifted_layout(int64_t rows, int64_t group_rows, int64_t hidden, DType dtype,
+                             bool grad_x) {
   ShiftedLayout l;
   Carver c;
   l.shift = c.take(f32(rows));
   l.row_max = c.take(f32(rows));
   l.row_factor = c.take(f32(rows));
-  l.x_scaled = c.take(static_cast<size_t>(rows) * hidden * dtype_size(dtype));
+  l.x_scaled = c.take(static_cast<size_t>(group_rows) * hidden * dtype_size(dtype));
   if (grad_x) l.dx = c.take(f32(rows * hidden));
   l.rewrite_rows = c.take(static_cast<size_t>(rows) * sizeof(int32_t));
   l.rewrite_count = c.take(sizeof(int32_t));
@@ -70,7 +73,7 @@ ForwardLayout forward_layout(const Problem& p, const Plan& plan, const BackendTr
   }
   if (grads_in_forward(p, plan)) {
     if (!dz_in_place(plan)) {
-      l.dz_group = c.take(static_cast<size_t>(plan.dw_group_tokens) * v *
+      l.dz_group = c.take(static_cast<size_t>(plan.dw_group_tokens) * compact_ld(v) *
                           dtype_size(traits.dz_type(p.dtype)));
     }
     if (needs_dw_accumulator(p, plan)) {
@@ -78,8 +81,9 @@ ForwardLayout forward_layout(const Problem& p, const Plan& plan, const BackendTr
     }
     if (p.needs_grad_bias) l.db_accum = c.take(f32(v));
     if (shifted_terms(p, plan)) {
-      l.shifted =
-          c.take(shifted_layout(plan.forward_token_chunk, d, p.dtype, p.needs_grad_x).total);
+      l.shifted = c.take(shifted_layout(plan.forward_token_chunk, shifted_group_rows(plan), d,
+                                        p.dtype, p.needs_grad_x)
+                             .total);
     }
   }
   const size_t scratch = gemm_scratch_bytes(plan, traits);

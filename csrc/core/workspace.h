@@ -25,26 +25,30 @@ struct ForwardLayout {
   size_t logits = kAbsent;       // float[forward_token_chunk, forward columns], or compact:
                                  // forward_block_bytes
   size_t row_carry = kAbsent;    // RowCarry[N] (when blocks split rows, or compact blocks)
-  size_t dz_group = kAbsent;     // dz_type[dw_group_tokens, V] (when the group spans chunks)
-  size_t dw_accum = kAbsent;     // float[V - dw_accumulator_borrowed_rows(V), D]
-  size_t db_accum = kAbsent;     // float[V]
-  size_t shifted = kAbsent;      // ShiftedLayout of forward_token_chunk rows (shifted_terms)
+  size_t dz_group = kAbsent;     // dz_type[dw_group_tokens, compact_ld(V)] (when the group spans
+                              // chunks; with compact blocks the fused GEMM stores the terms here)
+  size_t dw_accum = kAbsent;  // float[V - dw_accumulator_borrowed_rows(V), D]
+  size_t db_accum = kAbsent;  // float[V]
+  size_t shifted = kAbsent;   // ShiftedLayout (shifted_terms)
   size_t gemm_scratch = kAbsent;
   size_t total = 0;
 };
 
-// The per-chunk buffers of row-shifted terms, as offsets from their region's start.
+// The buffers of row-shifted terms, as offsets from their region's start: those of one token
+// chunk (`rows` = forward_token_chunk), and factor * x of every row of a dW group (`group_rows`:
+// the chunk when dZ is in place, all tokens when one group covers them).
 struct ShiftedLayout {
   size_t shift = kAbsent;          // float[rows]
   size_t row_max = kAbsent;        // float[rows]
   size_t row_factor = kAbsent;     // float[rows]
-  size_t x_scaled = kAbsent;       // dtype[rows, D]: factor * x, for dW
+  size_t x_scaled = kAbsent;       // dtype[group_rows, D]: factor * x, for dW
   size_t dx = kAbsent;             // float[rows, D]: the dx GEMM's output before its row factors
   size_t rewrite_rows = kAbsent;   // int32[rows]: ShiftedRowsArgs::rewrite_rows
   size_t rewrite_count = kAbsent;  // int32[1]
   size_t total = 0;
 };
-ShiftedLayout shifted_layout(int64_t rows, int64_t hidden, DType dtype, bool grad_x);
+ShiftedLayout shifted_layout(int64_t rows, int64_t group_rows, int64_t hidden, DType dtype,
+                             bool grad_x);
 
 struct BackwardLayout {
   size_t scalars = kAbsent;
@@ -107,10 +111,14 @@ inline bool needs_dw_accumulator(const Problem& p, const Plan& plan) {
 inline int64_t dw_accumulator_borrowed_rows(int64_t vocab_size) {
   return vocab_size / 2 / 128 * 128;
 }
-// Grad-in-forward compact blocks run with row-shifted terms (Plan::shifted_terms) where dW
-// accumulates in fp32.
+// Grad-in-forward compact blocks run with row-shifted terms (Plan::shifted_terms) for 16-bit
+// inputs, whether dW accumulates in fp32 or one group of terms covers every token.
 inline bool shifted_terms(const Problem& p, const Plan& plan) {
-  return plan.shifted_terms && compact_gif(p, plan) && needs_dw_accumulator(p, plan);
+  return plan.shifted_terms && compact_gif(p, plan) && p.dtype != DType::kFloat32;
+}
+// Rows of factor * x a plan of row-shifted terms keeps: those of its dW group.
+inline int64_t shifted_group_rows(const Plan& plan) {
+  return dz_in_place(plan) ? plan.forward_token_chunk : plan.dw_group_tokens;
 }
 // Compact backward blocks (Plan::compact_backward_blocks) store dZ rows at a pitch of a multiple
 // of 8 elements: the fused GEMM stores 16 bytes at a time.

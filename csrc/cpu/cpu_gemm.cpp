@@ -113,7 +113,17 @@ Status sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
   return Status::Ok();
 }
 
-Status gemm(const GemmArgs& g, void* scratch) {
+Status gemm(const GemmArgs& args, void* scratch) {
+  if ((args.device_alpha == nullptr) != (args.device_beta == nullptr)) {
+    return Status::Error(StatusCode::kInvalidArgument,
+                         "gemm: device_alpha and device_beta must be given together");
+  }
+  // The backend's memory is the host's: the device scalars are read here, when the GEMM runs.
+  GemmArgs g = args;
+  if (g.device_alpha != nullptr) {
+    g.alpha = *g.device_alpha;
+    g.beta = *g.device_beta;
+  }
   const bool a32 = g.a_type == DType::kFloat32;
   const bool b32 = g.b_type == DType::kFloat32;
   const bool c32 = g.c_type == DType::kFloat32;

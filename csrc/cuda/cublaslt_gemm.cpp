@@ -53,7 +53,8 @@ struct GemmKey {
   int64_t m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldc = 0;
   DType ab_type = DType::kFloat32, c_type = DType::kFloat32;
   bool trans_a = false, trans_b = false, beta_zero = false, tf32 = false;
-  bool measure = false;  // GemmArgs::measure_algorithm
+  bool measure = false;         // GemmArgs::measure_algorithm
+  bool device_scalars = false;  // GemmArgs::device_alpha / device_beta
   uint32_t align_a = 0, align_b = 0, align_c = 0;
   uint64_t workspace_bytes = 0;
 
@@ -61,8 +62,8 @@ struct GemmKey {
     return device == o.device && m == o.m && n == o.n && k == o.k && lda == o.lda && ldb == o.ldb &&
            ldc == o.ldc && ab_type == o.ab_type && c_type == o.c_type && trans_a == o.trans_a &&
            trans_b == o.trans_b && beta_zero == o.beta_zero && tf32 == o.tf32 &&
-           measure == o.measure && align_a == o.align_a && align_b == o.align_b &&
-           align_c == o.align_c && workspace_bytes == o.workspace_bytes;
+           measure == o.measure && device_scalars == o.device_scalars && align_a == o.align_a &&
+           align_b == o.align_b && align_c == o.align_c && workspace_bytes == o.workspace_bytes;
   }
 };
 
@@ -81,7 +82,8 @@ struct GemmKeyHash {
     mix(static_cast<uint64_t>(k.ldc));
     mix(static_cast<uint64_t>(k.ab_type) | (static_cast<uint64_t>(k.c_type) << 8) |
         (uint64_t(k.trans_a) << 16) | (uint64_t(k.trans_b) << 17) | (uint64_t(k.beta_zero) << 18) |
-        (uint64_t(k.measure) << 20) | (uint64_t(k.tf32) << 19));
+        (uint64_t(k.measure) << 20) | (uint64_t(k.tf32) << 19) |
+        (uint64_t(k.device_scalars) << 21));
     mix(static_cast<uint64_t>(k.align_a) | (static_cast<uint64_t>(k.align_b) << 16) |
         (static_cast<uint64_t>(k.align_c) << 32));
     mix(k.workspace_bytes);
@@ -216,6 +218,11 @@ Status build_entry(cublasLtHandle_t handle, const GemmKey& key, GemmEntry* out) 
                                                    sizeof(op_first)));
   FLCE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(b.e.desc, CUBLASLT_MATMUL_DESC_TRANSB,
                                                    &op_second, sizeof(op_second)));
+  if (key.device_scalars) {
+    const cublasLtPointerMode_t mode = CUBLASLT_POINTER_MODE_DEVICE;
+    FLCE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(b.e.desc, CUBLASLT_MATMUL_DESC_POINTER_MODE,
+                                                     &mode, sizeof(mode)));
+  }
   // Column-major shapes as stored. Our B is [k, n] row-major (or [n, k] when trans_b), i.e.
   // column-major [n, k] (or [k, n]); our A is [m, k] (or [k, m]), column-major [k, m] (or [m, k]).
   const uint64_t first_rows = key.trans_b ? key.k : key.n;
@@ -402,6 +409,12 @@ Status check_args(const GemmArgs& g) {
   if (g.c == nullptr || (g.k > 0 && (g.a == nullptr || g.b == nullptr))) {
     return invalid("gemm: a, b and c must not be null");
   }
+  if ((g.device_alpha == nullptr) != (g.device_beta == nullptr)) {
+    return invalid("gemm: device_alpha and device_beta must be given together");
+  }
+  if (g.device_alpha != nullptr && g.k == 0) {
+    return invalid("gemm: device_alpha / device_beta need k > 0 (beta is not read on the host)");
+  }
   return Status::Ok();
 }
 
@@ -434,7 +447,8 @@ Status cublaslt_gemm(const GemmArgs& g, cudaStream_t stream, void* workspace,
   key.c_type = g.c_type;
   key.trans_a = g.trans_a;
   key.trans_b = g.trans_b;
-  key.beta_zero = g.beta == 0.0f;
+  key.device_scalars = g.device_alpha != nullptr;
+  key.beta_zero = !key.device_scalars && g.beta == 0.0f;
   key.measure = g.measure_algorithm;
   key.tf32 = allow_tf32 && g.a_type == DType::kFloat32;
   key.align_a = alignment_of(g.a);
@@ -444,10 +458,12 @@ Status cublaslt_gemm(const GemmArgs& g, cudaStream_t stream, void* workspace,
 
   DeviceState* state = nullptr;
   FLCE_CUDA_RETURN_IF_ERROR(device_state(key.device, &state));
-  const float alpha = g.alpha, beta = g.beta;
+  // Host scalars, or (CUBLASLT_POINTER_MODE_DEVICE in the descriptor) the device's.
+  const float* alpha = key.device_scalars ? g.device_alpha : &g.alpha;
+  const float* beta = key.device_scalars ? g.device_beta : &g.beta;
   GemmEntry entry;
   auto launch = [&](const GemmEntry& e, const cublasLtMatmulAlgo_t& algo) {
-    return cublasLtMatmul(state->handle, e.desc, &alpha, g.b, e.a, g.a, e.b, &beta, g.c, e.c, g.c,
+    return cublasLtMatmul(state->handle, e.desc, alpha, g.b, e.a, g.a, e.b, beta, g.c, e.c, g.c,
                           e.c, &algo, workspace, workspace_bytes, stream);
   };
   bool cached = true;

@@ -840,6 +840,102 @@ TEST(CudaGemm, MeasuredAlgorithmChoice) {
   EXPECT_EQ(after.measuring, before.measuring);
 }
 
+// GEMMs whose alpha and beta live in device memory (GemmArgs::device_alpha / device_beta: the
+// dW GEMM of one group of row-shifted terms takes the mean's 1 / denominator this way). The
+// operands are multiples of 1/64 and every partial sum is exact in fp32, so the products are
+// exact. Captured in a graph, the call must read the scalars when it runs: the replay after they
+// change gives the new product. Half a pair is refused.
+TEST(CudaGemm, DeviceScalars) {
+  SKIP_WITHOUT_DEVICE();
+  namespace cu = detail::cuda;
+  const int64_t m = 300, n = 200, k = 96;
+  auto value = [](size_t i) {
+    return static_cast<float>(static_cast<int>((i * 29) % 127) - 63) / 64.0f;
+  };
+  auto bf16_bits = [](float f) {
+    uint32_t u = 0;
+    std::memcpy(&u, &f, sizeof(u));
+    return static_cast<uint16_t>(u >> 16);  // exact: at most 8 significant bits
+  };
+  std::vector<uint16_t> ha(m * k), hb(k * n);
+  std::vector<double> product(m * n, 0.0);
+  for (size_t i = 0; i < ha.size(); ++i) ha[i] = bf16_bits(value(i));
+  for (size_t i = 0; i < hb.size(); ++i) hb[i] = bf16_bits(value(i + 11));
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t j = 0; j < k; ++j) {
+      for (int64_t col = 0; col < n; ++col)
+        product[r * n + col] += value(r * k + j) * value(j * n + col + 11);
+    }
+  }
+  const DeviceBuffer a = to_device(ha), b = to_device(hb), c(m * n * sizeof(float));
+  const DeviceBuffer ws(cu::kCublasLtWorkspaceBytes), scalars(2 * sizeof(float));
+  detail::GemmArgs g;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.a = a.get();
+  g.lda = k;
+  g.a_type = DType::kBFloat16;
+  g.b = b.get();
+  g.ldb = n;
+  g.b_type = DType::kBFloat16;
+  g.c = c.get();
+  g.ldc = n;
+  g.c_type = DType::kFloat32;
+  g.alpha = 3.0f;  // ignored: the device's scalars rule
+  g.beta = 5.0f;
+  g.device_alpha = static_cast<const float*>(scalars.get());
+  g.device_beta = g.device_alpha + 1;
+  auto set_scalars = [&](float alpha, float beta) {
+    const float host[2] = {alpha, beta};
+    scalars.upload(host, sizeof(host));
+  };
+  auto expect_product = [&](double alpha, const std::vector<float>& start, double beta,
+                            const std::string& what) {
+    std::vector<float> got(m * n);
+    c.download(got.data(), got.size() * sizeof(float));
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double want = alpha * product[i] + (beta != 0.0 ? beta * start[i] : 0.0);
+      ASSERT_EQ(got[i], static_cast<float>(want)) << what << ", element " << i;
+    }
+  };
+
+  set_scalars(0.25f, 0.0f);
+  c.poison();  // NaN: a device beta of 0 must ignore C
+  ASSERT_TRUE(cu::cublaslt_gemm(g, nullptr, ws.get(), ws.bytes(), false).ok());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  expect_product(0.25, {}, 0.0, "alpha 0.25, beta 0");
+
+  std::vector<float> start(m * n);
+  for (size_t i = 0; i < start.size(); ++i) start[i] = value(i + 5);
+  cudaStream_t stream = nullptr;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  const Status st = cu::cublaslt_gemm(g, stream, ws.get(), ws.bytes(), false);
+  CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  ASSERT_TRUE(st.ok()) << st.message;
+  CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (auto [alpha, beta] : {std::pair{-0.5f, 1.0f}, std::pair{2.0f, -0.25f}}) {
+    set_scalars(alpha, beta);
+    c.upload(start.data(), start.size() * sizeof(float));
+    CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    expect_product(alpha, start, beta, "graph replay, alpha " + std::to_string(alpha));
+  }
+  CUDA_CHECK(cudaGraphExecDestroy(exec));
+  CUDA_CHECK(cudaGraphDestroy(graph));
+  CUDA_CHECK(cudaStreamDestroy(stream));
+
+  detail::GemmArgs half = g;
+  half.device_beta = nullptr;
+  const Status refused = cu::cublaslt_gemm(half, nullptr, ws.get(), ws.bytes(), false);
+  EXPECT_EQ(refused.code, StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message.find("device_alpha and device_beta"), std::string::npos)
+      << refused.message;
+}
+
 // Grad-in-forward compact blocks whose rows span several rounds of the pass that turns the fp16
 // terms into dZ (each thread loads 4 groups of 8 columns per round of 8192 columns, then takes
 // the rest of the row one group at a time): V = 20000 (2 rounds, then 3616 columns) and 20003 (a
@@ -881,10 +977,11 @@ TEST(CudaEdge, GradInForwardTermsOnWideRows) {
 // another class's weight: a tile overflows fp16 under the label's shift), rewritten because
 // fp16(factor * x) would overflow (one |x| of 1e5 against a zero column of W), and ignored. bf16
 // and fp16; mean and sum; plain options, then z-loss with a negative logit scale (negative row
-// factors); V not a multiple of 8, and V > 65536. Every dx row of the shifted path is checked on
-// its own, since the large row dominates the norms. The same plan without shifted terms is run
-// too: both match the reference, and they must differ in some element of dx, which shows that the
-// shifted path ran.
+// factors); V not a multiple of 8, and V > 65536; dW accumulated in fp32 per 48-row chunk, or one
+// dW GEMM over the terms of every token (its upstream factor read on the device). Every dx row of
+// the shifted path is checked on its own, since the large row dominates the norms. The same plan
+// without shifted terms is run too: both match the reference, and they must differ in some
+// element of dx and of dW, which shows that the shifted path ran.
 TEST(CudaEdge, GradInForwardShiftedTerms) {
   SKIP_WITHOUT_DEVICE();
   // Row-shifted terms come from the fused statistics GEMM, which runs on compute capability 9.0
@@ -965,40 +1062,47 @@ TEST(CudaEdge, GradInForwardShiftedTerms) {
             return reference_backward(in.ref, up);
           }();
 
-          Outputs outs[2];
-          for (bool shifted : {true, false}) {
-            PlanChoice choice;
-            choice.strategy = Strategy::kGradInForward;
-            choice.manual = true;
-            choice.plan.strategy = Strategy::kGradInForward;
-            choice.plan.fused_logits = FusedLogits::kAlways;
-            choice.plan.compact_forward_blocks = true;
-            choice.plan.shifted_terms = shifted;
-            choice.plan.forward_token_chunk = 48;  // three chunks, dW accumulated in fp32
-            choice.plan.dw_group_tokens = 48;
-            SCOPED_TRACE(shifted ? "shifted terms" : "terms under each tile's max");
-            Outputs& out = outs[shifted ? 0 : 1];
-            ASSERT_TRUE(run_fused_cuda(c, in, choice, &out));
-            expect_cuda_matches_reference(c, in, out);
-            // Row by row for the shifted terms only: with fp16 inputs the unshifted path rounds
-            // dZ (g folded in) to fp16, whose subnormals cost a wide row of small p its last
-            // bits (row 3 at V = 70001: 2.05e-3).
-            if (!shifted) continue;
-            const Tolerance tol = cuda_tolerance(c.dtype);
-            const std::vector<double> dx = out.dx.to_double();
-            for (int64_t i = 0; i < c.n; ++i) {
-              const std::vector<double> got(dx.begin() + i * c.d, dx.begin() + (i + 1) * c.d);
-              const std::vector<double> want(ref.dx.begin() + i * c.d,
-                                             ref.dx.begin() + (i + 1) * c.d);
-              double want_max = 0.0;
-              for (double w : want) want_max = std::max(want_max, std::abs(w));
-              if (want_max == 0.0) continue;  // ignored rows: expect_close above saw zeros
-              SCOPED_TRACE("dx row " + std::to_string(i));
-              expect_close("dx row", got, want, tol.grad);
+          // 48-row chunks (two or three), dW accumulated in fp32 per chunk or one dW GEMM over
+          // the terms of every token.
+          for (int64_t group : {int64_t(48), c.n}) {
+            SCOPED_TRACE("dw_group_tokens " + std::to_string(group));
+            Outputs outs[2];
+            for (bool shifted : {true, false}) {
+              PlanChoice choice;
+              choice.strategy = Strategy::kGradInForward;
+              choice.manual = true;
+              choice.plan.strategy = Strategy::kGradInForward;
+              choice.plan.fused_logits = FusedLogits::kAlways;
+              choice.plan.compact_forward_blocks = true;
+              choice.plan.shifted_terms = shifted;
+              choice.plan.forward_token_chunk = 48;
+              choice.plan.dw_group_tokens = group;
+              SCOPED_TRACE(shifted ? "shifted terms" : "terms under each tile's max");
+              Outputs& out = outs[shifted ? 0 : 1];
+              ASSERT_TRUE(run_fused_cuda(c, in, choice, &out));
+              expect_cuda_matches_reference(c, in, out);
+              // Row by row for the shifted terms only: with fp16 inputs the unshifted path rounds
+              // dZ (g folded in) to fp16, whose subnormals cost a wide row of small p its last
+              // bits (row 3 at V = 70001: 2.05e-3).
+              if (!shifted) continue;
+              const Tolerance tol = cuda_tolerance(c.dtype);
+              const std::vector<double> dx = out.dx.to_double();
+              for (int64_t i = 0; i < c.n; ++i) {
+                const std::vector<double> got(dx.begin() + i * c.d, dx.begin() + (i + 1) * c.d);
+                const std::vector<double> want(ref.dx.begin() + i * c.d,
+                                               ref.dx.begin() + (i + 1) * c.d);
+                double want_max = 0.0;
+                for (double w : want) want_max = std::max(want_max, std::abs(w));
+                if (want_max == 0.0) continue;  // ignored rows: expect_close above saw zeros
+                SCOPED_TRACE("dx row " + std::to_string(i));
+                expect_close("dx row", got, want, tol.grad);
+              }
             }
+            const std::vector<double> a = outs[0].dx.to_double(), b = outs[1].dx.to_double();
+            EXPECT_NE(a, b) << "shifted terms gave bit-identical dx: did the shifted path run?";
+            const std::vector<double> wa = outs[0].dw.to_double(), wb = outs[1].dw.to_double();
+            EXPECT_NE(wa, wb) << "shifted terms gave bit-identical dW: did the shifted path run?";
           }
-          const std::vector<double> a = outs[0].dx.to_double(), b = outs[1].dx.to_double();
-          EXPECT_NE(a, b) << "shifted terms gave bit-identical dx: did the shifted path run?";
         }
       }
     }

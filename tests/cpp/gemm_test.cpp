@@ -122,6 +122,55 @@ TEST(CpuGemm, CrossesPanels) {
       {m, 9, k, DType::kBFloat16, DType::kFloat32, DType::kBFloat16, true, true, 0.5f, 0.0f}, 63);
 }
 
+// GemmArgs::device_alpha / device_beta: on the CPU the backend's memory is the host's, and the
+// scalars there replace alpha and beta; half a pair is refused.
+TEST(CpuGemm, DeviceScalars) {
+  std::mt19937_64 rng(80);
+  std::normal_distribution<double> normal;
+  const int64_t m = 9, n = 7, k = 5;
+  TypedBuffer a(DType::kBFloat16, m * k), b(DType::kBFloat16, k * n), c(DType::kFloat32, m * n);
+  for (int64_t i = 0; i < m * k; ++i) a.set(i, normal(rng));
+  for (int64_t i = 0; i < k * n; ++i) b.set(i, normal(rng));
+  for (int64_t i = 0; i < m * n; ++i) c.set(i, normal(rng));
+  const TypedBuffer c_old = c;
+  const float scalars[2] = {-0.75f, 0.5f};
+  std::vector<float> scratch(detail::cpu::kGemmScratchBytes / sizeof(float));
+  detail::GemmArgs args;
+  args.m = m;
+  args.n = n;
+  args.k = k;
+  args.a = a.data();
+  args.lda = k;
+  args.a_type = DType::kBFloat16;
+  args.b = b.data();
+  args.ldb = n;
+  args.b_type = DType::kBFloat16;
+  args.c = c.data();
+  args.ldc = n;
+  args.c_type = DType::kFloat32;
+  args.alpha = 3.0f;  // replaced by the scalars
+  args.beta = 0.0f;
+  args.device_alpha = &scalars[0];
+  args.device_beta = &scalars[1];
+  const Status s = detail::cpu::gemm(args, scratch.data());
+  ASSERT_TRUE(s.ok()) << s.message;
+  std::vector<double> got, want;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0.0;
+      for (int64_t p = 0; p < k; ++p) acc += a.get(i * k + p) * b.get(p * n + j);
+      want.push_back(-0.75 * acc + 0.5 * c_old.get(i * n + j));
+      got.push_back(c.get(i * n + j));
+    }
+  }
+  expect_close("C", got, want, 2e-6 * std::sqrt(static_cast<double>(k) + 1));
+
+  args.device_beta = nullptr;
+  const Status refused = detail::cpu::gemm(args, scratch.data());
+  EXPECT_EQ(refused.code, StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message.find("device_alpha and device_beta"), std::string::npos);
+}
+
 TEST(CpuGemm, EmptyInnerDimension) {
   for (DType t : {DType::kFloat32, DType::kBFloat16}) {
     run_gemm_case({7, 5, 0, t, t, t, false, false, 1.0f, 0.0f}, 70);

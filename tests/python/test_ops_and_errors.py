@@ -179,22 +179,30 @@ def test_plan_compact_forward_blocks(device):
         assert other["forward_workspace_bytes"] > 384 << 20
     if expected:  # 4096 rows of partial statistics (125 MiB) and the GEMM scratch
         assert plain["forward_workspace_bytes"] < 192 << 20
-        lean = flce.plan(*shape, torch.bfloat16, device, memory_budget=60 << 20, return_metrics=True)
+        lean = flce.plan(
+            *shape, torch.bfloat16, device, memory_budget=60 << 20, return_metrics=True
+        )
         assert lean["compact_backward_blocks"] and not lean["compact_forward_blocks"]
 
 
 def test_plan_shifted_terms(device):
-    """Row-shifted terms where grad_in_forward keeps compact blocks and accumulates dW in fp32
-    (gemma2 at the default budget: 2048-token chunks); not when one group of dZ covers every
-    token (no fp32 accumulator), nor without the fused GEMMs (the CPU, fp32, soft-capping)."""
+    """Row-shifted terms where grad_in_forward keeps compact blocks, whether it accumulates dW in
+    fp32 (gemma2 at the default budget: 2048-token chunks) or keeps the terms of every token for
+    one dW GEMM (llama3: then the terms are stored in that group, and the chunk's block holds only
+    the statistics); not without the fused GEMMs (the CPU, fp32, soft-capping)."""
     shape = (8192, 256000, 2304)
     gif = flce.plan(*shape, torch.bfloat16, device, strategy="grad_in_forward")
     expected = _fused_gemms_expected(device)
     assert gif["shifted_terms"] == expected
     if expected:
         assert gif["dw_group_tokens"] < shape[0]
-    one_group = flce.plan(1024, 32000, 512, torch.bfloat16, device, strategy="grad_in_forward")
-    assert one_group["dw_group_tokens"] == 1024 and one_group["shifted_terms"] is False
+    n, v, d = 8192, 128256, 4096
+    one_group = flce.plan(n, v, d, torch.bfloat16, device, strategy="grad_in_forward")
+    assert one_group["shifted_terms"] == expected
+    if expected:  # the group's terms, factor * x of every token, and under 256 MiB more
+        assert one_group["dw_group_tokens"] == n
+        group_bytes = n * v * 2 + n * d * 2
+        assert group_bytes < one_group["forward_workspace_bytes"] < group_bytes + (256 << 20)
     for other in (
         flce.plan(*shape, torch.float32, device, strategy="grad_in_forward"),
         flce.plan(*shape, torch.bfloat16, device, strategy="grad_in_forward", softcap=30.0),
@@ -329,11 +337,15 @@ def test_raw_op_errors(device):
     bad = list(plan)
     bad[_ops.PLAN_FIELDS.index("fused_logits")] = 3
     with pytest.raises(ValueError, match=r"fused_logits must be 0 \(off\), 1 \(auto\) or 2"):
-        torch.ops.flce.lce_forward(x, w, None, y[:5], None, *OPTIONS, bad, False, False, False, False)
+        torch.ops.flce.lce_forward(
+            x, w, None, y[:5], None, *OPTIONS, bad, False, False, False, False
+        )
     bad = list(plan)
     bad[_ops.PLAN_FIELDS.index("compact_backward_blocks")] = 2
     with pytest.raises(ValueError, match="compact_backward_blocks must be 0 or 1"):
-        torch.ops.flce.lce_forward(x, w, None, y[:5], None, *OPTIONS, bad, False, False, False, False)
+        torch.ops.flce.lce_forward(
+            x, w, None, y[:5], None, *OPTIONS, bad, False, False, False, False
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
