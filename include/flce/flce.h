@@ -149,17 +149,19 @@ struct Plan {
   // Statistics-only forward blocks (recompute, or no gradients) hold only the fused GEMM's partial
   // row statistics (one 32-byte state per row and 256 columns: 1/32 of the fp32 logits' bytes).
   // Grad-in-forward blocks hold the fp16 terms exp(z - tile max) the fused GEMM stores with them
-  // (dZ then overwrites them), about half the fp32 logits' bytes. Set where the backend expects
+  // (dZ then overwrites them), about half the fp32 logits' bytes; where one group keeps the dZ of
+  // all tokens, the terms go straight into that group's rows and the block holds the statistics. Set where the backend expects
   // its fused statistics GEMM to serve the problem (no metrics asked for); should it refuse a call
   // anyway, the forward computes fp32 logits in blocks that fit the same bytes: fewer rows, split
   // into vocabulary blocks for statistics only (the rows' statistics merged), whole for gradients.
   bool compact_forward_blocks = false;
-  // Grad-in-forward compact blocks with an fp32 dW accumulator: the fused GEMM stores the terms
+  // Grad-in-forward compact blocks with 16-bit inputs: the fused GEMM stores the terms
   // exp(z - s_i), in the input dtype, with one shift per row known before the GEMM (the label's
   // logit plus kShiftAboveLabel), so that dZ is a per-row multiple of them. dx and dW then read the
   // terms as they are (the row factors applied to x and to the fp32 dx rows) instead of after a
   // pass that rewrites every term as dZ; only rows the terms cannot represent (a label far below
-  // the row's max) are rewritten. Serves calls without label smoothing, class weights or a
+  // the row's max) are rewritten. dW accumulates per chunk in fp32, or (one group of all tokens)
+  // is one GEMM of every token's terms. Serves calls without label smoothing, class weights or a
   // gradient of the LSE; other calls run the compact blocks as above.
   bool shifted_terms = false;
   size_t forward_workspace_bytes = 0;
