@@ -936,6 +936,21 @@ TEST(CudaGemm, DeviceScalars) {
       << refused.message;
 }
 
+// A hand-made grad-in-forward plan on compact blocks, always through the fused GEMMs: token chunks
+// of `chunk` rows, dZ (or the terms) of `group` tokens per dW GEMM, row-shifted terms or not.
+PlanChoice compact_gif_choice(int64_t chunk, int64_t group, bool shifted) {
+  PlanChoice choice;
+  choice.strategy = Strategy::kGradInForward;
+  choice.manual = true;
+  choice.plan.strategy = Strategy::kGradInForward;
+  choice.plan.fused_logits = FusedLogits::kAlways;
+  choice.plan.compact_forward_blocks = true;
+  choice.plan.shifted_terms = shifted;
+  choice.plan.forward_token_chunk = chunk;
+  choice.plan.dw_group_tokens = group;
+  return choice;
+}
+
 // Grad-in-forward compact blocks whose rows span several rounds of the pass that turns the fp16
 // terms into dZ (each thread loads 4 groups of 8 columns per round of 8192 columns, then takes
 // the rest of the row one group at a time): V = 20000 (2 rounds, then 3616 columns) and 20003 (a
@@ -956,14 +971,7 @@ TEST(CudaEdge, GradInForwardTermsOnWideRows) {
         c.seed = 77 + v + group;
         SCOPED_TRACE(c.describe() + " dw_group_tokens " + std::to_string(group));
         const Inputs in = make_inputs(c);
-        PlanChoice choice;
-        choice.strategy = Strategy::kGradInForward;
-        choice.manual = true;
-        choice.plan.strategy = Strategy::kGradInForward;
-        choice.plan.fused_logits = FusedLogits::kAlways;
-        choice.plan.compact_forward_blocks = true;
-        choice.plan.forward_token_chunk = 48;
-        choice.plan.dw_group_tokens = group;
+        const PlanChoice choice = compact_gif_choice(48, group, /*shifted=*/false);
         Outputs out;
         ASSERT_TRUE(run_fused_cuda(c, in, choice, &out));
         expect_cuda_matches_reference(c, in, out);
@@ -1068,15 +1076,7 @@ TEST(CudaEdge, GradInForwardShiftedTerms) {
             SCOPED_TRACE("dw_group_tokens " + std::to_string(group));
             Outputs outs[2];
             for (bool shifted : {true, false}) {
-              PlanChoice choice;
-              choice.strategy = Strategy::kGradInForward;
-              choice.manual = true;
-              choice.plan.strategy = Strategy::kGradInForward;
-              choice.plan.fused_logits = FusedLogits::kAlways;
-              choice.plan.compact_forward_blocks = true;
-              choice.plan.shifted_terms = shifted;
-              choice.plan.forward_token_chunk = 48;
-              choice.plan.dw_group_tokens = group;
+              const PlanChoice choice = compact_gif_choice(48, group, shifted);
               SCOPED_TRACE(shifted ? "shifted terms" : "terms under each tile's max");
               Outputs& out = outs[shifted ? 0 : 1];
               ASSERT_TRUE(run_fused_cuda(c, in, choice, &out));
