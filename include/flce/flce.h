@@ -150,10 +150,11 @@ struct Plan {
   // row statistics (one 32-byte state per row and 256 columns: 1/32 of the fp32 logits' bytes).
   // Grad-in-forward blocks hold the fp16 terms exp(z - tile max) the fused GEMM stores with them
   // (dZ then overwrites them), about half the fp32 logits' bytes; where one group keeps the dZ of
-  // all tokens, the terms go straight into that group's rows and the block holds the statistics. Set where the backend expects
-  // its fused statistics GEMM to serve the problem (no metrics asked for); should it refuse a call
-  // anyway, the forward computes fp32 logits in blocks that fit the same bytes: fewer rows, split
-  // into vocabulary blocks for statistics only (the rows' statistics merged), whole for gradients.
+  // all tokens, the terms go straight into that group's rows and the block holds the statistics.
+  // Set where the backend expects its fused statistics GEMM to serve the problem (no metrics asked
+  // for); should it refuse a call anyway, the forward computes fp32 logits in blocks that fit the
+  // same bytes: fewer rows, split into vocabulary blocks for statistics only (the rows' statistics
+  // merged), whole for gradients.
   bool compact_forward_blocks = false;
   // Grad-in-forward compact blocks with 16-bit inputs: the fused GEMM stores the terms
   // exp(z - s_i), in the input dtype, with one shift per row known before the GEMM (the label's
